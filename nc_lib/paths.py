@@ -1,0 +1,31 @@
+"""Where the kit reads and writes: datasets, training runs, figures.
+
+Each location can be moved with an environment variable, which is how the tests keep the
+working tree clean: ``NC_DATA_DIR``, ``NC_RUNS_DIR``, ``NC_FIGURES_DIR``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dir(env: str, default: str) -> Path:
+    path = Path(os.environ.get(env) or (REPO_ROOT / default))
+    return path
+
+
+def data_dir() -> Path:
+    """The dataset cache (``data/`` by default, ``$NC_DATA_DIR`` if set)."""
+    return _dir("NC_DATA_DIR", "data")
+
+
+def runs_dir() -> Path:
+    """The run store for trained models and their metrics (``runs/`` or ``$NC_RUNS_DIR``)."""
+    return _dir("NC_RUNS_DIR", "runs")
+
+
+def figures_dir() -> Path:
+    """Where figures, tables and the manifest land (``figures/`` or ``$NC_FIGURES_DIR``)."""
+    return _dir("NC_FIGURES_DIR", "figures")

@@ -1,0 +1,43 @@
+"""Clear errors for bad input: every message names the parameter and what would be valid."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming both."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}.")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an int within [minimum, maximum], else raise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (hasattr(value, "__index__")):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}.")
+    return value
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``value`` as a float >= 0, else raise a ValueError naming it."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    if not value >= 0:  # also catches NaN
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float > 0, else raise a ValueError naming it."""
+    value = check_nonnegative(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0, got 0.")
+    return value
