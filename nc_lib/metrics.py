@@ -1,0 +1,431 @@
+"""Every neural-collapse measurement of Papyan 2020, Zhu 2021 and Markou 2024, computed fast.
+
+Notation (REFERENCE.md section 1): features h_i (p-dim) with labels y_i in [0, C); class means
+mu_c; global mean mu_G (by default the mean of the class means, as Papyan's code; equal to the
+sample mean for balanced data); centred means Mdot = [mu_c - mu_G] (stored as C x p rows);
+classifier W (C x p) with bias b;
+    Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T,
+    Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T          (rank <= C-1).
+
+How it is computed
+------------------
+* Class sums, counts and every other running sum are kept in float64.
+* Sigma_B^+ is never formed in p x p. With the thin SVD Mdot = Uc S Vh (rank r = C-1),
+  Sigma_B^+ = C Vh_r^T S_r^-2 Vh_r, so
+
+      Tr(Sigma_W Sigma_B^+)/C = (1/N) sum_i || S_r^-1 Vh_r (h_i - mu_{y_i}) ||^2.
+
+  In memory (:func:`measure_collapse`) this needs one product of the centred features with
+  [Mdot; W]^T (N x 2C), shared with the NCC, the logits and the cosine margins: one pass over the
+  features plus O(p C^2) work, never a p x p matrix.
+* Streaming (:class:`CollapseAccumulator`) sees each batch once and cannot know the final means,
+  so it accumulates the pooled within-class scatter (p x p, float64) around a per-class shift (the
+  class mean of the first batch the class appears in), which avoids the catastrophic cancellation
+  of E[hh^T] - mu mu^T at collapse, and projects it on the (C-1)-dim subspace at the end.
+  Per-sample measurements that need the final means (NCC mismatch, cosine margins) come from a
+  second pass, :meth:`CollapseAccumulator.sample_pass`, on any set (train or test).
+
+Products of features are taken in the features' dtype (float32 features: float32 matrix products,
+float64 sums); pass float64 features for float64 throughout.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from . import etf
+from .validation import check_choice, check_int
+
+MEAN_CONVENTIONS = ("class_means", "samples")
+CHUNK = 8192
+
+#: Each paper's label for a measurement -> the key of the result dict.
+PAPER_NAMES: dict[str, dict[str, str]] = {
+    "papyan2020": {
+        "Equinorm (means)": "equinorm_means",
+        "Equinorm (classifiers)": "equinorm_classifiers",
+        "Equiangularity (means)": "equiangularity_means",
+        "Equiangularity (classifiers)": "equiangularity_classifiers",
+        "Maximal angle (means)": "max_angle_means",
+        "Maximal angle (classifiers)": "max_angle_classifiers",
+        "Self-duality": "self_duality",
+        "Tr(Sigma_W Sigma_B^+)/C": "within_class_variability",
+        "NCC mismatch": "ncc_mismatch_test",
+    },
+    "zhu2021": {
+        "NC1": "within_class_variability",
+        "NC2": "classifier_etf_distance",
+        "NC2 (means)": "means_etf_distance",
+        "NC3": "classifier_means_alignment",
+        "NC4": "bias_offset_norm",
+    },
+    "markou2024": {
+        "NC1": "within_class_variability",
+        "NC3": "classifier_means_alignment",
+        "Average cosine margin": "average_cosine_margin",
+        "WH-equinorm": "wh_equinorm",
+    },
+}
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_features(features: Tensor, name: str = "features") -> Tensor:
+    if not isinstance(features, Tensor):
+        features = torch.as_tensor(features)
+    if features.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N x p) tensor; got shape {tuple(features.shape)}.")
+    if not features.is_floating_point():
+        features = features.float()
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(1).sum())
+        raise ValueError(f"{name} contain NaN or Inf values (in {bad} of {features.shape[0]} rows).")
+    return features
+
+
+def _check_labels(labels: Tensor, n: int, num_classes: int, name: str = "labels") -> Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D tensor of length {n} (one per feature row); got shape {tuple(labels.shape)}.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer class indices; got dtype {labels.dtype}.")
+    labels = labels.long()
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        lo, hi = int(labels.min()), int(labels.max())
+        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}].")
+    return labels
+
+
+def _check_classifier(W: Tensor | None, b: Tensor | None, num_classes: int, p: int) -> tuple[Tensor | None, Tensor | None]:
+    if W is None:
+        if b is not None:
+            raise ValueError("b was given without W; pass the classifier weight W (C x p) too.")
+        return None, None
+    W = torch.as_tensor(W).detach()
+    if W.ndim != 2 or W.shape != (num_classes, p):
+        raise ValueError(
+            f"W must have shape (num_classes, feature_dim) = ({num_classes}, {p}) to match the features; "
+            f"got {tuple(W.shape)}."
+        )
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W contains NaN or Inf values.")
+    if b is not None:
+        b = torch.as_tensor(b).detach()
+        if b.shape != (num_classes,):
+            raise ValueError(f"b must have shape ({num_classes},) to match W; got {tuple(b.shape)}.")
+    return W.to(torch.float64), None if b is None else b.to(torch.float64)
+
+
+def _check_counts(counts: Tensor) -> None:
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        shown = empty[:10] + (["..."] if len(empty) > 10 else [])
+        raise ValueError(
+            f"class(es) {shown} have no samples; every class needs at least one sample to have a mean "
+            f"(check labels or num_classes={counts.numel()})."
+        )
+
+
+# --------------------------------------------------------------------------- geometry of means and classifiers
+def global_mean(means: Tensor, counts: Tensor, convention: str = "class_means") -> Tensor:
+    """mu_G: the mean of the class means (Papyan's code; ``class_means``) or of all samples (``samples``)."""
+    check_choice("global_mean", convention, MEAN_CONVENTIONS)
+    if convention == "class_means":
+        return means.mean(0)
+    w = counts.to(means.dtype)
+    return (w[:, None] * means).sum(0) / w.sum()
+
+
+def self_duality(W: Tensor, centred_means: Tensor) -> float:
+    """|| W/||W||_F - Mdot/||Mdot||_F ||_F^2 (Papyan 2020, Fig. 5), rows of both; in [0, 4]."""
+    return float((W / W.norm() - centred_means / centred_means.norm()).pow(2).sum())
+
+
+def classifier_means_alignment(W: Tensor, centred_means: Tensor) -> float:
+    """Zhu 2021's NC3: || W Mdot^T/||W Mdot^T||_F - (I - 11^T/C)/sqrt(C-1) ||_F."""
+    A = W @ centred_means.T
+    return float((A / A.norm() - etf.etf_gram(W.shape[0], dtype=A.dtype).to(A.device)).norm())
+
+
+def geometry(means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:
+    """Measurements that depend only on the class means and the classifier (no per-sample pass).
+
+    equinorm (Papyan Fig. 2), equiangularity (Fig. 3), maximal angle (Fig. 4), self-duality
+    (Fig. 5), Zhu's NC2 (W and centred means), NC3 and NC4 = ||W mu_G + b||, and Markou's
+    WH-equinorm = |equinorm(Mdot) - equinorm(W)|.
+    """
+    Mdot = (means - mu_G).to(torch.float64)
+    out = {
+        "equinorm_means": etf.equinorm(Mdot),
+        "equiangularity_means": etf.equiangularity(Mdot),
+        "max_angle_means": etf.maximal_angle(Mdot),
+        "means_etf_distance": etf.gram_distance_to_etf(Mdot),
+    }
+    if W is not None:
+        W = W.to(Mdot)
+        out.update({
+            "equinorm_classifiers": etf.equinorm(W),
+            "equiangularity_classifiers": etf.equiangularity(W),
+            "max_angle_classifiers": etf.maximal_angle(W),
+            "classifier_etf_distance": etf.gram_distance_to_etf(W),
+            "self_duality": self_duality(W, Mdot),
+            "classifier_means_alignment": classifier_means_alignment(W, Mdot),
+            "bias_offset_norm": float((W @ mu_G.to(Mdot) + (0 if b is None else b.to(Mdot))).norm()),
+            "wh_equinorm": abs(out["equinorm_means"] - etf.equinorm(W)),
+        })
+    return out
+
+
+def _between_class_basis(centred_means: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD Mdot = Uc S Vh restricted to its numerical rank (<= C-1): returns (Uc_r, S_r, Vh_r)."""
+    Uc, S, Vh = torch.linalg.svd(centred_means, full_matrices=False)
+    tol = S.max() * max(centred_means.shape) * torch.finfo(S.dtype).eps
+    r = int((S > tol).sum()) if rank is None else rank
+    return Uc[:, :r], S[:r], Vh[:r]
+
+
+# --------------------------------------------------------------------------- per-sample pass
+class SampleAccumulator:
+    """Per-sample measurements against fixed class means (and classifier), streamed over batches.
+
+    * NCC mismatch (Papyan 2020, Fig. 7): fraction of samples where argmax_c (W h + b)_c differs from
+      the nearest class centre argmin_c ||h - mu_c||.  Also the NCC accuracy.
+    * accuracy of the classifier.
+    * cosine margins (Markou 2024): cos(h - mu_G, w_y) - max_{c != y} cos(h - mu_G, w_c) with the
+      classifier rows centred over classes; their average, and optionally every per-sample value.
+    * with ``within_class=True`` (only valid on the set the means came from) the sum of
+      ||S_r^-1 Vh_r (h_i - mu_{y_i})||^2 that gives Tr(Sigma_W Sigma_B^+)/C.
+
+    One product of the centred batch with [Mdot; W]^T serves all of them.
+    """
+
+    def __init__(self, means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None, *,
+                 within_class: bool = False, keep_margins: bool = False) -> None:
+        self.means = means.to(torch.float64)
+        self.mu_G = mu_G.to(torch.float64)
+        self.num_classes, self.p = means.shape
+        self.W, self.b = _check_classifier(W, b, self.num_classes, self.p)
+        Mdot = self.means - self.mu_G
+        self._Mdot = Mdot
+        self._mdot_sq = Mdot.pow(2).sum(1)
+        rows = [Mdot]
+        if self.W is not None:
+            self._Wc_norm = (self.W - self.W.mean(0)).norm(dim=1)
+            self._logit_offset = self.W @ self.mu_G + (0 if self.b is None else self.b)
+            rows.append(self.W)
+        self._K = torch.cat(rows, 0)  # (C or 2C) x p
+        self.within_class = within_class
+        if within_class:
+            Uc, S, _ = _between_class_basis(Mdot)
+            # residual projection r^T Mdot^T Uc_r S_r^-2 = S_r^-1 Vh_r r
+            self._nc1_map = Uc / S.pow(2)  # C x r
+            self._nc1_offsets = Mdot @ Mdot.T  # row y: Mdot_y . Mdot_c
+        self.n = 0
+        self.ncc_agree = 0
+        self.ncc_correct = 0
+        self.correct = 0
+        self.margin_sum = 0.0
+        self.nc1_sum = 0.0
+        self.margins: list[Tensor] | None = [] if keep_margins else None
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        features = _check_features(features)
+        if features.shape[1] != self.p:
+            raise ValueError(f"features have {features.shape[1]} columns but the class means have {self.p}.")
+        labels = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
+        C = self.num_classes
+        for s in range(0, features.shape[0], CHUNK):
+            X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
+            Xc = X - self.mu_G.to(X)  # centred on the global mean
+            G = (Xc @ self._K.to(X).T).to(torch.float64)  # B x (C or 2C)
+            proj = G[:, :C]  # (h - mu_G) . Mdot_c
+            ncc = (self._mdot_sq - 2 * proj).argmin(1)
+            self.ncc_correct += int((ncc == y).sum())
+            if self.within_class:
+                Z = (proj - self._nc1_offsets[y]) @ self._nc1_map
+                self.nc1_sum += float(Z.pow(2).sum())
+            if self.W is not None:
+                raw = G[:, C:]  # (h - mu_G) . w_c
+                pred = (raw + self._logit_offset).argmax(1)
+                self.correct += int((pred == y).sum())
+                self.ncc_agree += int((pred == ncc).sum())
+                # cosine with centred rows: (h - mu_G).(w_c - wbar) = raw_c - mean_c raw_c
+                h_norm = Xc.to(torch.float64).norm(dim=1).clamp_min(1e-300)
+                cos = (raw - raw.mean(1, keepdim=True)) / (h_norm[:, None] * self._Wc_norm.clamp_min(1e-300))
+                own = cos.gather(1, y[:, None]).squeeze(1)
+                other = cos.scatter(1, y[:, None], float("-inf")).max(1).values
+                m = own - other
+                self.margin_sum += float(m.sum())
+                if self.margins is not None:
+                    self.margins.append(m)
+            self.n += X.shape[0]
+
+    def result(self, suffix: str = "") -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("no samples were given to the per-sample pass.")
+        out = {"ncc_accuracy" + suffix: self.ncc_correct / self.n}
+        if self.W is not None:
+            out["accuracy" + suffix] = self.correct / self.n
+            out["ncc_mismatch" + suffix] = 1.0 - self.ncc_agree / self.n
+            out["average_cosine_margin" + suffix] = self.margin_sum / self.n
+        if self.within_class:
+            out["within_class_variability" + suffix] = self.nc1_sum / self.n
+        return out
+
+    def per_sample_margins(self) -> Tensor:
+        """Every per-sample cosine margin seen so far, in order (needs ``keep_margins=True``)."""
+        if self.margins is None:
+            raise ValueError("per-sample margins were not kept; create the pass with keep_margins=True.")
+        return torch.cat(self.margins) if self.margins else torch.empty(0, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- in memory
+def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Class means (C x p, float64, summed in float64 chunk by chunk) and counts (C,)."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    for s in range(0, features.shape[0], CHUNK):
+        sums.index_add_(0, labels[s:s + CHUNK], features[s:s + CHUNK].to(torch.float64))
+    counts = torch.bincount(labels, minlength=num_classes)
+    _check_counts(counts)
+    return sums / counts[:, None].to(torch.float64), counts
+
+
+def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tensor | None = None,
+                     b: Tensor | None = None, test_features: Tensor | None = None,
+                     test_labels: Tensor | None = None, *, mean_convention: str = "class_means") -> dict[str, float]:
+    """Every measurement of REFERENCE.md section 2 from features held in memory.
+
+    ``features`` (N x p) and ``labels`` (N,) are the training set; W (C x p) and b (C,) the
+    classifier, optional; a test set adds ``ncc_mismatch_test``, ``accuracy_test`` and
+    ``average_cosine_margin_test`` (measured against the training means). See the module doc
+    for the keys, formulas and how they are computed.
+    """
+    num_classes = check_int("num_classes", num_classes, 2)
+    features = _check_features(features)
+    labels = _check_labels(labels, features.shape[0], num_classes).to(features.device)
+    W, b = _check_classifier(W, b, num_classes, features.shape[1])
+    means, counts = class_means(features, labels, num_classes)
+    mu_G = global_mean(means, counts, mean_convention)
+    out = geometry(means, mu_G, W, b)
+    train = SampleAccumulator(means, mu_G, W, b, within_class=True)
+    train.update(features, labels)
+    out.update(train.result())
+    if test_features is not None:
+        test_features = _check_features(test_features, "test_features")
+        if test_labels is None:
+            raise ValueError("test_features were given without test_labels.")
+        test = SampleAccumulator(means, mu_G, W, b)
+        test.update(test_features, _check_labels(test_labels, test_features.shape[0], num_classes, "test_labels"))
+        out.update(test.result("_test"))
+    return out
+
+
+def cosine_margins(features: Tensor, labels: Tensor, W: Tensor, global_mean: Tensor) -> Tensor:
+    """Per-sample cosine margins (Markou 2024): cos(h_i - mu_G, w_{y_i}) - max_{c != y_i} cos(h_i - mu_G, w_c),
+    W centred over classes. Returns an (N,) float64 tensor; sort it for Markou's PCM plot."""
+    W = torch.as_tensor(W).detach()
+    C, p = W.shape
+    features = _check_features(features)
+    placeholder = torch.zeros(C, p, dtype=torch.float64) + global_mean.to(torch.float64)
+    acc = SampleAccumulator(placeholder, global_mean, W, None, keep_margins=True)
+    acc.update(features, labels)
+    return acc.per_sample_margins()
+
+
+# --------------------------------------------------------------------------- streaming
+class CollapseAccumulator:
+    """Streaming collapse measurements: feed feature batches, never hold an N x p matrix.
+
+    ``update(h, y)`` adds a batch (e.g. from a forward hook over a DataLoader). State, all float64:
+    class sums and counts, a per-class shift k_c (the class's mean in the first batch it appears
+    in), the shifted class sums d_c = sum_{i in c}(h_i - k_c) and the shifted scatter
+    A = sum_i (h_i - k_{y_i})(h_i - k_{y_i})^T (p x p). Then the pooled within-class scatter is
+    N Sigma_W = A - sum_c d_c d_c^T / n_c, well conditioned because the shift is close to the mean.
+    :meth:`result` projects it on the (C-1)-dim between-class subspace:
+    Tr(Sigma_W Sigma_B^+)/C = (1/N) Tr(S_r^-2 Vh_r (N Sigma_W) Vh_r^T).
+    """
+
+    def __init__(self, num_classes: int, *, mean_convention: str = "class_means") -> None:
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.mean_convention = check_choice("mean_convention", mean_convention, MEAN_CONVENTIONS)
+        self.p: int | None = None
+        self.sums = self.counts = self.shift = self.shifted_sums = self.scatter = None
+        self.seen: Tensor | None = None
+
+    def _init(self, p: int, device: torch.device) -> None:
+        C, f64 = self.num_classes, torch.float64
+        self.p = p
+        self.sums = torch.zeros(C, p, dtype=f64, device=device)
+        self.shift = torch.zeros(C, p, dtype=f64, device=device)
+        self.shifted_sums = torch.zeros(C, p, dtype=f64, device=device)
+        self.scatter = torch.zeros(p, p, dtype=f64, device=device)
+        self.counts = torch.zeros(C, dtype=torch.long, device=device)
+        self.seen = torch.zeros(C, dtype=torch.bool, device=device)
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        features = _check_features(features.detach())
+        if self.p is None:
+            self._init(features.shape[1], features.device)
+        elif features.shape[1] != self.p:
+            raise ValueError(f"features have {features.shape[1]} columns; earlier batches had {self.p}.")
+        y = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
+        X64 = features.to(torch.float64)
+        batch_sums = torch.zeros_like(self.sums).index_add_(0, y, X64)
+        batch_counts = torch.bincount(y, minlength=self.num_classes)
+        new = (batch_counts > 0) & ~self.seen
+        if bool(new.any()):
+            self.shift[new] = batch_sums[new] / batch_counts[new, None].to(torch.float64)
+            self.seen |= new
+        D = X64 - self.shift[y]
+        self.sums += batch_sums
+        self.counts += batch_counts
+        self.shifted_sums.index_add_(0, y, D)
+        Dp = D.to(features.dtype)
+        self.scatter += (Dp.T @ Dp).to(torch.float64)
+
+    @property
+    def n(self) -> int:
+        return 0 if self.counts is None else int(self.counts.sum())
+
+    @property
+    def means(self) -> Tensor:
+        if self.counts is None:
+            raise ValueError("no batches were given to the accumulator.")
+        _check_counts(self.counts)
+        return self.sums / self.counts[:, None].to(torch.float64)
+
+    @property
+    def global_mean(self) -> Tensor:
+        return global_mean(self.means, self.counts, self.mean_convention)
+
+    def within_class_scatter_projected(self, basis: Tensor) -> Tensor:
+        """B (N Sigma_W) B^T for a (r x p) basis B, in O(p^2 r)."""
+        dbar = self.shifted_sums / self.counts[:, None].to(torch.float64)
+        AB = self.scatter @ basis.T  # p x r
+        DB = self.shifted_sums @ basis.T  # C x r
+        return basis @ AB - (dbar @ basis.T).T @ DB
+
+    def result(self, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:
+        """Within-class variability and every means/classifier measurement (no per-sample pass)."""
+        means, mu_G = self.means, self.global_mean
+        W, b = _check_classifier(W, b, self.num_classes, self.p)
+        out = geometry(means, mu_G, W, b)
+        _, S, Vh = _between_class_basis(means - mu_G)
+        proj = self.within_class_scatter_projected(Vh)
+        out["within_class_variability"] = float((torch.diagonal(proj) / S.pow(2)).sum()) / self.n
+        return out
+
+    def sample_pass(self, W: Tensor | None = None, b: Tensor | None = None, *,
+                    keep_margins: bool = False) -> SampleAccumulator:
+        """A second pass against the final means: NCC mismatch, accuracy and cosine margins."""
+        return SampleAccumulator(self.means, self.global_mean, W, b, keep_margins=keep_margins)
+
+
+def measure_batches(batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, W: Tensor | None = None,
+                    b: Tensor | None = None) -> dict[str, float]:
+    """Convenience: stream ``(features, labels)`` batches through a :class:`CollapseAccumulator`."""
+    acc = CollapseAccumulator(num_classes)
+    for h, y in batches:
+        acc.update(h, y)
+    return acc.result(W, b)
