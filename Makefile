@@ -1,0 +1,46 @@
+# The kit in two commands: `make figures` and `make test`. `make lab` opens the notebooks.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SCALE ?= quick
+ONLY ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup figures test lab chromium bench clean-figures help
+
+help:
+	@echo "make figures [SCALE=quick|paper] [ONLY=<id or prefix>]  regenerate the figures"
+	@echo "make test                                               run every test, notebooks included"
+	@echo "make lab                                                open JupyterLab on notebooks/"
+	@echo "make bench                                              run the benchmarks"
+
+# Set-up is idempotent: the venv and the install are redone only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP) chromium
+
+# Static PNG export needs a Chromium; HTML export never does.
+chromium:
+	@bash tools/ensure_chromium.sh
+
+figures: setup
+	$(BIN)/python -m nc_lib.figures --scale $(SCALE) --only "$(ONLY)"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/python -m ipykernel install --user --name nc-kit --display-name "Neural collapse kit (.venv)"
+	$(BIN)/jupyter lab notebooks/
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-figures:
+	rm -rf figures/*.html figures/*.png figures/*.csv figures/*.js figures/manifest.json figures/index.html figures/README.md build/notebooks

@@ -1,0 +1,890 @@
+"""The nearest simplex ETF as a differentiable layer (Markou, Ajanthan & Gould 2024).
+
+REFERENCE.md section 4 works out the maths; this module follows it.
+
+Notation. C classes, feature dimension d (>= C). ``Mt = (I_C - 11^T/C)/sqrt(C-1)`` is the
+normalised simplex-ETF Gram target (unit Frobenius norm, symmetric, ``Mt 1 = 0``). Matrices of
+class means are stored as **columns** here (d x C), as in the paper; classifiers ``W`` are
+(C x d) rows, as everywhere else in nc_lib.
+
+Pieces
+------
+* :class:`FeatureMeanTracker` -- the running, normalised matrix of centred class means
+  ``Hbar`` (Markou Sec. 3.2):  h <- tau h/||h||;  X_t = [mu_c(batch) - mu_G(batch)];
+  H_t = a_t X_t + (1 - a_t) H_{t-1} (H_{t-1} detached), a_t = max(2/(t+1), 1e-4);
+  Hbar = H_t/||H_t||_F.
+* The inner problem (the "node") over the Stiefel manifold ``U^T U = I_C``:
+
+      U* = argmin_U ||Hbar - U Mt||_F^2 + (delta/2) ||U - U_prox||_F^2.
+
+  On the manifold ||U Mt|| and ||U|| are constant, so this is orthogonal Procrustes:
+  ``U* = polar(Z) = A B^T`` with ``Z = Hbar Mt + (delta/2) U_prox = A S B^T`` (thin SVD).
+  :func:`polar_factor` computes it in closed form, :func:`riemannian_polar` with a Riemannian
+  trust-region method (as the paper, which uses pymanopt: QR retraction, warm start, at most 30
+  iterations). Both are reached through :func:`nearest_etf_node` (``solver="closed"|"riemannian"``).
+* Backward (:class:`NearestETFFunction`): the O(d C^2) polar-factor formula of REFERENCE Sec. 4,
+
+      What = A^T G_U B,  dL/dZ = A [(What - What^T)_ij/(s_i + s_j)] B^T + (I - A A^T) G_U B S^-1 B^T,
+      dL/dHbar = dL/dZ Mt,   dL/dU_prox = (delta/2) dL/dZ,
+
+  and, as a reference for small C, the paper's dense KKT (declarative node) formula
+  :func:`kkt_backward_dense`. Autograd through ``torch.linalg.svd`` divides by s_i^2 - s_j^2 and
+  breaks at collapse (repeated singular values); s_i + s_j stays positive.
+* :func:`nearest_etf`, :func:`nearest_etf_distance`, :func:`etf_distance_between` -- Markou's
+  "ETF distances" for the metrics (delta = 0: U* is then not unique, but U* Mt and the distance are).
+* Heads: :class:`CosineHead` (Markou's "standard" classifier with normalisation) and
+  :class:`ImplicitETFHead` (Markou's implicit ETF classifier); :class:`StratifiedBatchSampler`
+  (every class in every batch, as the inner problem wants every class mean).
+
+Dimension. U (d x C) needs C orthonormal columns, so every function here raises a ValueError when
+d < C (for d = C-1 a simplex ETF exists, but not in this parametrisation: use
+:func:`nc_lib.etf.simplex_etf` or a larger feature dimension).
+
+Precision and cost. The solvers run in float64 whatever the input dtype; the backward runs in the
+input dtype. The closed form uses by default the eigendecomposition of the C x C Gram Z^T Z
+(``U = Z B S^-1 B^T``) plus one Newton-Schulz step, which matches LAPACK's thin SVD to ~1e-14 in
+float64 at a fraction of its cost (``polar_method="svd"`` selects the SVD). Forward + backward
+cost four plus three d x C x C matrix products and one C x C eigendecomposition.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .heads import Head
+from .validation import check_choice, check_int, check_nonnegative, check_positive
+
+SOLVERS = ("closed", "riemannian")
+POLAR_METHODS = ("auto", "svd", "gram")
+DEFAULT_DELTA = 1e-3
+DEFAULT_TAU = 5.0
+MIN_RATE = 1e-4
+
+
+# --------------------------------------------------------------------------- small helpers
+def _check_dims(d: int, C: int, what: str = "the nearest simplex ETF") -> None:
+    if C < 2:
+        raise ValueError(f"{what} needs num_classes C >= 2; got C={C}.")
+    if d < C:
+        raise ValueError(
+            f"{what} is U Mt with U (d x C) of orthonormal columns, so it needs feature_dim d >= "
+            f"num_classes C; got d={d}, C={C}. (For d = C-1 use nc_lib.etf.simplex_etf, or raise d.)"
+        )
+
+
+def _check_dC(name: str, X: Tensor) -> tuple[int, int]:
+    if not isinstance(X, Tensor) or X.ndim != 2:
+        shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+        raise ValueError(f"{name} must be a 2-D (d x C) tensor; got {shape}.")
+    d, C = X.shape
+    _check_dims(d, C)
+    return d, C
+
+
+def apply_mt(X: Tensor) -> Tensor:
+    """``X Mt`` with ``Mt = (I - 11^T/C)/sqrt(C-1)`` (REFERENCE Sec. 1, 4), in O(dC).
+
+    ``X (I - 11^T/C)`` subtracts from each row its mean over the C columns; Mt is symmetric, so
+    this is also the adjoint (used by the backward: dL/dHbar = dL/dZ Mt)."""
+    C = X.shape[-1]
+    return (X - X.mean(dim=-1, keepdim=True)) / math.sqrt(C - 1)
+
+
+def etf_gram_target(C: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The matrix ``Mt = (I - 11^T/C)/sqrt(C-1)`` (C x C)."""
+    C = check_int("C", C, 2)
+    return (torch.eye(C, dtype=dtype) - torch.full((C, C), 1.0 / C, dtype=dtype)) / math.sqrt(C - 1)
+
+
+def etf_classifier(U: Tensor) -> Tensor:
+    """Markou's classifier from the Stiefel point: ``W = (U sqrt(C/(C-1)) (I - 11^T/C))^T`` (C x d).
+
+    Its rows are unit vectors with pairwise cosine -1/(C-1) (a simplex ETF) when U^T U = I."""
+    C = U.shape[-1]
+    return (math.sqrt(C / (C - 1)) * (U - U.mean(dim=-1, keepdim=True))).mT
+
+
+def _procrustes_target(Hbar: Tensor, U_prox: Tensor | None, delta: float) -> Tensor:
+    """``Z = Hbar Mt + (delta/2) U_prox`` (REFERENCE Sec. 4), in float64."""
+    Z = apply_mt(Hbar.to(torch.float64))
+    if U_prox is not None and delta > 0:
+        Z = Z + (0.5 * delta) * U_prox.to(torch.float64)
+    return Z
+
+
+# --------------------------------------------------------------------------- closed form
+class _Backend:
+    """The few operations the C x C algebra needs, for NumPy arrays or torch float64 tensors.
+
+    Below ``NUMPY_MAX_C`` classes the C x C work runs on NumPy: per call it costs about a
+    microsecond instead of torch's several, which dominates the node's cost at small C."""
+
+    def __init__(self, use_numpy: bool) -> None:
+        self.numpy = use_numpy
+
+    def eigh(self, G):
+        return np.linalg.eigh(G) if self.numpy else torch.linalg.eigh(G)
+
+    def eye(self, C: int):
+        return np.eye(C) if self.numpy else torch.eye(C, dtype=torch.float64)
+
+    def mt(self, C: int):
+        return _mt_numpy(C) if self.numpy else _mt_cached(C, torch.float64)
+
+    def from_torch(self, t: Tensor):
+        return t.detach().to(torch.float64).numpy() if self.numpy else t.detach().to(torch.float64)
+
+    def to_torch(self, a, dtype: torch.dtype) -> Tensor:
+        if self.numpy:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if dtype == torch.float32 else np.float64)).to(dtype)
+        return a.to(dtype)
+
+
+NUMPY_MAX_C = 64
+
+
+def _backend_for(t: Tensor) -> _Backend:
+    return _Backend(t.device.type == "cpu" and t.shape[-1] <= NUMPY_MAX_C)
+
+
+def _gram_kernel(G, C: int, bk: _Backend):
+    """C x C part of the Gram route to the polar factor of Z: ``G = Z^T Z = B S^2 B^T``,
+    ``N = B S^-1 B^T`` (so that Z N is the polar factor in exact arithmetic). Returns ``(N, S, B)``,
+    or None when Z is numerically rank deficient (s_min <= C eps s_max)."""
+    w, B = bk.eigh(G)
+    S = (w * (w > 0)) ** 0.5
+    if not float(S[0]) > C * 2.220446049250313e-16 * float(S[-1]):
+        return None
+    return (B / S[None, :]) @ B.T, S, B
+
+
+def _newton_schulz(U0: Tensor) -> Tensor:
+    """One Newton-Schulz step towards orthonormal columns: ``U = U0 (3I - U0^T U0)/2``.
+
+    After the Gram route, U0 = Z N has lost orthogonality in proportion to eps cond(Z)^2 (the
+    rounding of Z^T Z); this step removes that error, which is most of it: in float64 the result
+    agrees with the SVD's polar factor to ~1e-14."""
+    return torch.addmm(U0, U0, U0.mT @ U0, beta=1.5, alpha=-0.5)
+
+
+def _polar_gram(Z: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Polar factor by the Gram route (see :func:`_gram_kernel`, :func:`_newton_schulz`): ``(U, S, B)`` or None."""
+    out = _gram_kernel(Z.mT @ Z, Z.shape[1], _Backend(False))
+    if out is None:
+        return None
+    N, S, B = out
+    return _newton_schulz(Z @ N), S, B
+
+
+def polar_factor(Z: Tensor, method: str = "gram") -> tuple[Tensor, Tensor, Tensor]:
+    """Polar factor of ``Z`` (d x C, d >= C): ``U = A B^T`` for ``Z = A S B^T``.
+
+    Returns ``(U, S, B)`` (S: the C singular values, B: C x C right singular vectors), all
+    that the backward needs (``A = U B``). ``U`` maximises <Z, U> over U^T U = I (orthogonal
+    Procrustes), i.e. solves the node's inner problem in closed form (REFERENCE Sec. 4).
+
+    method ``"svd"``: LAPACK thin SVD. ``"gram"``: eigendecomposition of the C x C Gram
+    ``Z^T Z = B S^2 B^T``, ``U = Z B S^-1 B^T`` and one Newton-Schulz step: four d x C x C products
+    and a C x C eigendecomposition, cheaper than the SVD (use it in float64: it squares the
+    condition number). When Z is rank deficient (s_min <= C eps s_max, e.g. delta = 0) ``"gram"``
+    falls back to the SVD, whose U is then one of the minimisers (any completion of the null
+    directions)."""
+    check_choice("method", method, ("svd", "gram"))
+    d, C = Z.shape
+    _check_dims(d, C)
+    if method == "gram":
+        out = _polar_gram(Z.to(torch.float64))
+        if out is not None:
+            return tuple(x.to(Z.dtype) for x in out)
+    A, S, Bh = torch.linalg.svd(Z, full_matrices=False)
+    return A @ Bh, S, Bh.mT
+
+
+def _auto_polar_method(dtype: torch.dtype, method: str) -> str:
+    method = check_choice("polar_method", method, POLAR_METHODS)
+    return "gram" if method == "auto" else method
+
+
+@functools.lru_cache(maxsize=32)
+def _mt_cached(C: int, dtype: torch.dtype) -> Tensor:
+    return etf_gram_target(C, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _mt_numpy(C: int) -> np.ndarray:
+    return etf_gram_target(C, torch.float64).numpy()
+
+
+@functools.lru_cache(maxsize=32)
+def _centering_cached(C: int, dtype: torch.dtype) -> Tensor:
+    """I - 11^T/C."""
+    return torch.eye(C, dtype=dtype) - torch.full((C, C), 1.0 / C, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- Riemannian solver
+def _sym(X: Tensor) -> Tensor:
+    return 0.5 * (X + X.mT)
+
+
+def _qf(X: Tensor) -> Tensor:
+    """Q factor of the thin QR with a positive diagonal of R: the QR retraction's map onto Stiefel."""
+    Q, R = torch.linalg.qr(X)
+    s = torch.sign(torch.diagonal(R))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return Q * s
+
+
+def riemannian_polar(Z: Tensor, U0: Tensor | None = None, *, max_iter: int = 30, tol: float | None = None,
+                     max_inner: int | None = None) -> tuple[Tensor, int]:
+    """Maximise <Z, U> over the Stiefel manifold by the Riemannian trust-region method.
+
+    This is the paper's solver (Markou Sec. 3.3 uses pymanopt's ``TrustRegions``: Absil, Baker &
+    Gallivan 2007, truncated-CG (Steihaug-Toint) inner solver, QR retraction, warm start, at most 30
+    iterations), specialised to the node's cost f(U) = -<Z, U> (the inner problem up to constants
+    and a factor 2). On St(d, C) with the embedded metric:
+
+        grad f(U)   = -Z + U sym(U^T Z),
+        Hess f(U)[xi] = Proj_U(xi sym(U^T Z)),   Proj_U(V) = V - U sym(U^T V),
+        R_U(xi)     = qf(U + xi).
+
+    ``U0``: the warm start (the previous solution, U_prox); default ``qf(Z)``. Stops when
+    ||grad f|| <= tol ||Z||_F (tol default: 1e-12 in float64, 1e-6 in float32) or after
+    ``max_iter`` outer iterations. Returns ``(U, iterations)``, in Z's dtype.
+    """
+    d, C = Z.shape
+    _check_dims(d, C)
+    max_iter = check_int("max_iter", max_iter, 0)
+    if tol is None:
+        tol = 1e-12 if Z.dtype == torch.float64 else 1e-6
+    tol = check_nonnegative("tol", tol)
+    dim = d * C - C * (C + 1) // 2
+    max_inner = dim if max_inner is None else check_int("max_inner", max_inner, 1)
+    U = _qf(Z) if U0 is None else _qf(U0.to(Z.dtype))  # re-orthonormalise the warm start
+
+    def proj(X: Tensor, V: Tensor) -> Tensor:
+        return V - X @ _sym(X.mT @ V)
+
+    def cost(X: Tensor) -> float:
+        return -float((Z * X).sum())
+
+    z_norm = float(Z.norm())
+    gtol = tol * max(z_norm, torch.finfo(Z.dtype).tiny)
+    delta_bar = math.sqrt(C)  # pymanopt: Stiefel.typical_dist
+    radius = delta_bar / 8.0
+    rho_prime, rho_reg = 0.1, 1e3
+    eps = torch.finfo(Z.dtype).eps
+    fx = cost(U)
+    P = _sym(U.mT @ Z)
+    grad = -Z + U @ P
+    it = 0
+    while it < max_iter:
+        gnorm = float(grad.norm())
+        if gnorm <= gtol:
+            break
+        it += 1
+
+        def hess(xi: Tensor) -> Tensor:
+            return proj(U, xi @ P)
+
+        # truncated CG (Steihaug-Toint) on m(eta) = <grad, eta> + 1/2 <Hess eta, eta>, ||eta|| <= radius
+        eta = torch.zeros_like(U)
+        Heta = torch.zeros_like(U)
+        r = grad
+        r_r = float((r * r).sum())
+        norm_r0 = math.sqrt(r_r)
+        delta_dir = -r
+        e_Pe, e_Pd, d_Pd = 0.0, 0.0, r_r
+        model_value = 0.0
+        hit_boundary = False
+        for _ in range(max_inner):
+            Hd = hess(delta_dir)
+            d_Hd = float((delta_dir * Hd).sum())
+            alpha = r_r / d_Hd if d_Hd != 0 else math.inf
+            e_Pe_new = e_Pe + 2.0 * alpha * e_Pd + alpha * alpha * d_Pd
+            if d_Hd <= 0 or e_Pe_new >= radius * radius:
+                tau = (-e_Pd + math.sqrt(max(e_Pd * e_Pd + d_Pd * (radius * radius - e_Pe), 0.0))) / d_Pd
+                eta = eta + tau * delta_dir
+                Heta = Heta + tau * Hd
+                hit_boundary = True
+                break
+            e_Pe = e_Pe_new
+            new_eta = eta + alpha * delta_dir
+            new_Heta = Heta + alpha * Hd
+            new_model = float((new_eta * grad).sum()) + 0.5 * float((new_eta * new_Heta).sum())
+            if new_model >= model_value:
+                break
+            eta, Heta, model_value = new_eta, new_Heta, new_model
+            r = r + alpha * Hd
+            r_r_new = float((r * r).sum())
+            if math.sqrt(r_r_new) <= norm_r0 * min(norm_r0, 0.1):  # theta = 1, kappa = 0.1 (pymanopt)
+                break
+            beta = r_r_new / r_r
+            r_r = r_r_new
+            delta_dir = proj(U, -r + beta * delta_dir)
+            e_Pd = beta * (e_Pd + alpha * d_Pd)
+            d_Pd = r_r + beta * beta * d_Pd
+
+        U_new = _qf(U + eta)
+        f_new = cost(U_new)
+        reg = max(1.0, abs(fx)) * eps * rho_reg
+        rho_num = fx - f_new + reg
+        rho_den = -float((grad * eta).sum()) - 0.5 * float((eta * Heta).sum()) + reg
+        rho = rho_num / rho_den if rho_den > 0 else -math.inf
+        if rho < 0.25:
+            radius /= 4.0
+        elif rho > 0.75 and hit_boundary:
+            radius = min(2.0 * radius, delta_bar)
+        if rho > rho_prime:
+            U, fx = U_new, f_new
+            P = _sym(U.mT @ Z)
+            grad = -Z + U @ P
+    return U, it
+
+
+# --------------------------------------------------------------------------- solve + node
+def nearest_etf_solve(Hbar: Tensor, U_prox: Tensor | None = None, delta: float = DEFAULT_DELTA, *,
+                      solver: str = "closed", U_init: Tensor | None = None, max_iter: int = 30,
+                      tol: float | None = None, polar_method: str = "auto") -> tuple[Tensor, int]:
+    """Solve the inner problem without gradient: ``U* = argmin ||Hbar - U Mt||^2 + (delta/2)||U - U_prox||^2``.
+
+    ``U_prox=None`` (or ``delta=0``) drops the proximal term (the paper's first solve; the metrics'
+    ETF distances). Returns ``(U*, iterations)`` in Hbar's dtype; ``iterations`` is 0 for the
+    closed form. ``U_init`` is the Riemannian warm start (default U_prox, else qf(Z))."""
+    d, C = _check_dC("Hbar", Hbar)
+    check_choice("solver", solver, SOLVERS)
+    delta = check_nonnegative("delta", delta)
+    if U_prox is not None and tuple(U_prox.shape) != (d, C):
+        raise ValueError(f"U_prox must have Hbar's shape {(d, C)}; got {tuple(U_prox.shape)}.")
+    with torch.no_grad():
+        Z = _procrustes_target(Hbar, U_prox, delta)
+        if solver == "closed":
+            U, _, _ = polar_factor(Z, _auto_polar_method(Hbar.dtype, polar_method))
+            return U.to(Hbar.dtype), 0
+        start = U_init if U_init is not None else U_prox
+        U, it = riemannian_polar(Z, None if start is None else start.to(torch.float64), max_iter=max_iter, tol=tol)
+        return U.to(Hbar.dtype), it
+
+
+def polar_backward(U: Tensor, S: Tensor, B: Tensor, grad_U: Tensor) -> Tensor:
+    """dL/dZ for ``U = polar(Z)``, ``Z = A S B^T``, ``A = U B`` (REFERENCE Sec. 4), in O(d C^2):
+
+        What = A^T G B = B^T (U^T G) B,
+        dL/dZ = A [(What - What^T)_ij/(s_i + s_j)] B^T + (I - A A^T) G B S^-1 B^T
+              = U (B X B^T - T N) + G N,   T = U^T G, N = B S^-1 B^T, X_ij = (What - What^T)_ij/(s_i + s_j).
+
+    Three d x C x C products; the C x C algebra is done in float64. Needs every s_i > 0 (delta > 0)."""
+    C = S.shape[0]
+    s = S.to(torch.float64)
+    if not bool(s.min() > C * torch.finfo(torch.float64).eps * s.max()):
+        raise ValueError(
+            "The nearest-ETF node has no derivative when Z = Hbar Mt + (delta/2) U_prox is rank "
+            "deficient (delta = 0 or no proximal term): use delta > 0 with U_prox (REFERENCE Sec. 4)."
+        )
+    B64 = B.to(torch.float64)
+    T = (U.mT @ grad_U).to(torch.float64)
+    What = B64.mT @ T @ B64
+    X = (What - What.mT) / (s[:, None] + s[None, :])
+    N = (B64 / s) @ B64.mT
+    M1 = B64 @ X @ B64.mT - T @ N
+    dt = grad_U.dtype
+    return U.to(dt) @ M1.to(dt) + grad_U @ N.to(dt)
+
+
+class NearestETFFunction(torch.autograd.Function):
+    """Autograd node ``(Hbar, U_prox) -> U*`` (forward: closed form or Riemannian; backward: the
+    polar-factor formula of :func:`polar_backward`, dL/dHbar = dL/dZ Mt, dL/dU_prox = (delta/2) dL/dZ).
+
+    Use through :func:`nearest_etf_node`. Outputs ``(U, iterations)``; iterations is an int64
+    scalar tensor without gradient. The forward solves in float64; the backward's d x C products
+    run in the input dtype, its C x C algebra in float64 (NumPy below ``NUMPY_MAX_C`` classes).
+    Fused form of the backward (A = U B, T = U^T G, What = B^T T B, N = B S^-1 B^T):
+
+        Y = [(What - What^T)_ij/(s_i + s_j)] - What S^-1,   dL/dZ = U (B Y B^T) + G N,
+        dL/dHbar = U (B Y (B^T Mt)) + G (N Mt):   three d x C x C products (T and two in one addmm).
+    """
+
+    @staticmethod
+    def forward(ctx, Hbar: Tensor, U_prox: Tensor, delta: float, solver: str, U_init: Tensor | None,
+                max_iter: int, tol: float | None, polar_method: str) -> tuple[Tensor, Tensor]:
+        dt = Hbar.dtype
+        C = Hbar.shape[1]
+        r = math.sqrt(C - 1)
+        # Zs = sqrt(C-1) Z = Hbar (I - 11^T/C) + (delta/2) sqrt(C-1) U_prox: same polar factor, S scaled
+        cent = _centering_cached(C, dt).to(Hbar.device)
+        if delta > 0:
+            Zs = torch.addmm(U_prox, Hbar, cent, beta=0.5 * delta * r)
+        else:
+            Zs = Hbar @ cent
+        Z64 = Zs.to(torch.float64)
+        bk = _backend_for(Hbar)
+        it = 0
+        U64 = None
+        if solver == "closed":
+            out = None
+            if _auto_polar_method(dt, polar_method) == "gram":
+                out = _gram_kernel(bk.from_torch(Z64.mT @ Z64), C, bk)
+            if out is not None:
+                N, S, B = out
+                U64 = _newton_schulz(Z64 @ bk.to_torch(N, torch.float64).to(Z64.device))
+            else:
+                A, S_t, Bh = torch.linalg.svd(Z64, full_matrices=False)
+                U64 = A @ Bh
+                S, B = bk.from_torch(S_t), bk.from_torch(Bh.mT)
+        else:
+            start = U_init if U_init is not None else U_prox
+            U64, it = riemannian_polar(Z64 / r, start.to(torch.float64), max_iter=max_iter, tol=tol)
+            # at the optimum U^T Z = B S B^T is symmetric positive definite: S, B without an SVD
+            S_t, B_t = torch.linalg.eigh(_sym(U64.mT @ Z64))
+            S, B = bk.from_torch(S_t), bk.from_torch(B_t)
+        S = S / r  # singular values of Z (S above are those of Zs)
+        smin, smax = float(S.min()), float(abs(S).max())
+        ctx.full_rank = smin > C * 2.220446049250313e-16 * smax
+        U = U64.to(dt)
+        ctx.save_for_backward(U)
+        ctx.bk, ctx.delta = bk, delta
+        if ctx.full_rank:
+            Mt = bk.mt(C)
+            N = (B / S[None, :]) @ B.T
+            ctx.B, ctx.S = B, S
+            ctx.den = S[:, None] + S[None, :]
+            ctx.BtMt = B.T @ Mt
+            ctx.NMt = bk.to_torch(N @ Mt, dt).to(Hbar.device)
+            ctx.N = bk.to_torch(N, dt).to(Hbar.device) if ctx.needs_input_grad[1] else None
+        iters = torch.tensor(it, dtype=torch.long)
+        ctx.mark_non_differentiable(iters)
+        return U, iters
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_U: Tensor, grad_iters: Tensor | None):
+        need_h, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_U is None or not (need_h or need_p):
+            return (None,) * 8
+        if not ctx.full_rank:
+            raise ValueError(
+                "The nearest-ETF node has no derivative when Z = Hbar Mt + (delta/2) U_prox is rank "
+                "deficient (delta = 0 or no proximal term): use delta > 0 with U_prox (REFERENCE Sec. 4)."
+            )
+        (U,) = ctx.saved_tensors
+        bk, B, S = ctx.bk, ctx.B, ctx.S
+        G = grad_U.to(U.dtype)
+        T = bk.from_torch(U.mT @ G)
+        What = B.T @ T @ B
+        Y = (What - What.T) / ctx.den - What / S[None, :]
+        BY = B @ Y
+        gH = gP = None
+        if need_h:
+            gH = torch.addmm(G @ ctx.NMt, U, bk.to_torch(BY @ ctx.BtMt, U.dtype).to(U.device))
+        if need_p:
+            gP = torch.addmm(G @ ctx.N, U, bk.to_torch(BY @ B.T, U.dtype).to(U.device)).mul_(0.5 * ctx.delta)
+        return gH, gP, None, None, None, None, None, None
+
+
+def nearest_etf_node(Hbar: Tensor, U_prox: Tensor, delta: float = DEFAULT_DELTA, *, solver: str = "closed",
+                     U_init: Tensor | None = None, max_iter: int = 30, tol: float | None = None,
+                     polar_method: str = "auto") -> tuple[Tensor, int]:
+    """Differentiable nearest-ETF node (Markou Sec. 3.3; REFERENCE Sec. 4).
+
+    U* = argmin_{U^T U = I} ||Hbar - U Mt||_F^2 + (delta/2)||U - U_prox||_F^2 = polar(Hbar Mt + (delta/2) U_prox).
+
+    Hbar, U_prox: (d x C), d >= C. solver: ``"closed"`` (polar factor) or ``"riemannian"``
+    (trust region warm-started at ``U_init``, default U_prox; at most ``max_iter`` iterations).
+    Gradients flow to Hbar and U_prox by the O(dC^2) formula of :func:`polar_backward`; they need
+    delta > 0. Returns ``(U*, iterations)`` (iterations 0 for the closed form)."""
+    d, C = _check_dC("Hbar", Hbar)
+    if not isinstance(U_prox, Tensor) or tuple(U_prox.shape) != (d, C):
+        raise ValueError(f"U_prox must be a tensor of Hbar's shape {(d, C)}; got "
+                         f"{tuple(U_prox.shape) if isinstance(U_prox, Tensor) else U_prox!r}.")
+    check_choice("solver", solver, SOLVERS)
+    check_choice("polar_method", polar_method, POLAR_METHODS)
+    delta = check_nonnegative("delta", delta)
+    max_iter = check_int("max_iter", max_iter, 0)
+    U, iters = NearestETFFunction.apply(Hbar, U_prox, delta, solver, U_init, max_iter, tol, polar_method)
+    return U, int(iters)
+
+
+# --------------------------------------------------------------------------- dense KKT reference
+def kkt_memory_bytes(C: int, d: int, dtype: torch.dtype = torch.float64) -> int:
+    """Bytes :func:`kkt_backward_dense` allocates: the dense constraint Jacobian A
+    (C(C+1)/2 x dC), one d-chunk of A H^-1, and the C(C+1)/2-square Schur complement."""
+    p = C * (C + 1) // 2
+    item = torch.finfo(dtype).bits // 8
+    chunk = min(d, 64)
+    return item * (p * d * C + p * chunk * C + p * p + 4 * d * C)
+
+
+def kkt_backward_dense(Hbar: Tensor, U_prox: Tensor, U: Tensor, grad_U: Tensor, delta: float = DEFAULT_DELTA,
+                       max_bytes: float = 8 * 2**30) -> tuple[Tensor, Tensor]:
+    """The paper's backward: implicit differentiation of the KKT conditions (declarative node;
+    Gould et al. 2021 Prop. 4.5, as Markou's ``ClosestETFGeometryFcn.backward``), built densely.
+
+    y = vec(U) (row-major, dC), x = (Hbar, U_prox), f = ||Hbar - U Mt||^2 + (delta/2)||U - U_prox||^2,
+    h(U) = vech(U^T U - I) (p = C(C+1)/2 constraints). With G = grad_U f at U*,
+    Lambda = sym(U^T G), the Lagrangian Hessian is H = I_d (x) K, K = 2 Mt^2 + delta I - Lambda
+    (acting as xi -> xi K), A = Dh (p x dC, **dense**), B = D^2_{xy} f (dG/dHbar = -2 E Mt,
+    dG/dU_prox = -delta E). For v = dL/dU:
+
+        q = (A H^-1 A^T)^-1 A H^-1 v,   r = H^-1 (A^T q - v),
+        dL/dHbar = -2 r Mt,   dL/dU_prox = -delta r.
+
+    O(C^4 d) time and O(C^3 d) memory: a reference for small C only; refuses (ValueError) when
+    :func:`kkt_memory_bytes` exceeds ``max_bytes``. Computed in U's dtype."""
+    d, C = _check_dC("U", U)
+    need = kkt_memory_bytes(C, d, U.dtype)
+    if need > max_bytes:
+        raise ValueError(f"kkt_backward_dense would need about {need / 2**30:.1f} GiB for C={C}, d={d} "
+                         f"(max_bytes={max_bytes / 2**30:.1f} GiB); use polar_backward.")
+    dt = U.dtype
+    Hbar, U_prox, v = Hbar.to(dt), U_prox.to(dt), grad_U.to(dt)
+    Mt = etf_gram_target(C, dt)
+    G = 2.0 * (U @ Mt - Hbar) @ Mt + delta * (U - U_prox)
+    Lam = _sym(U.mT @ G)
+    K = 2.0 * Mt @ Mt + delta * torch.eye(C, dtype=dt) - Lam
+    Kinv = torch.linalg.inv(K)
+    # dense constraint Jacobian: row (i <= j) is d(u_i . u_j) = u_i (x) e_j + u_j (x) e_i, as (C x d) blocks
+    iu, ju = torch.triu_indices(C, C)
+    p = iu.numel()
+    rows = torch.arange(p)
+    A = torch.zeros(p, C, d, dtype=dt)  # A[r, k, a] = dh_r / dU[a, k]
+    A[rows, ju] += U[:, iu].mT
+    A[rows, iu] += U[:, ju].mT
+    # Schur complement S = A H^-1 A^T, H^-1 = I_d (x) K^-1, accumulated over chunks of d
+    Schur = torch.zeros(p, p, dtype=dt)
+    chunk = 64
+    for a0 in range(0, d, chunk):
+        Ab = A[:, :, a0:a0 + chunk]  # p x C x c
+        AHb = torch.einsum("rka,kl->rla", Ab, Kinv)  # (A H^-1) restricted to the chunk
+        Schur += AHb.reshape(p, -1) @ Ab.reshape(p, -1).mT
+    A_flat = A.reshape(p, C * d)
+    Hinv_v = (v @ Kinv).mT.reshape(C * d)  # H^-1 v, in A's (C x d) layout
+    q = torch.linalg.solve(Schur, A_flat @ Hinv_v)
+    At_q = (q @ A_flat).reshape(C, d).mT  # A^T q as d x C
+    r = (At_q - v) @ Kinv
+    return -2.0 * r @ Mt, -delta * r
+
+
+# --------------------------------------------------------------------------- ETF distances
+def _rows_to_hbar(V: Tensor, name: str) -> Tensor:
+    V = torch.as_tensor(V)
+    if V.ndim != 2:
+        raise ValueError(f"{name} must be a (C x d) matrix; got shape {tuple(V.shape)}.")
+    C, d = V.shape
+    _check_dims(d, C, "the nearest simplex ETF of a (C x d) matrix")
+    H = V.detach().to(torch.float64).mT
+    n = H.norm()
+    if not bool(n > 0):
+        raise ValueError(f"{name} is zero: it has no nearest ETF.")
+    return H / n
+
+
+def nearest_etf(V: Tensor) -> Tensor:
+    """The simplex ETF nearest to the rows of ``V`` (C x d), as rows (C x d) of unit Frobenius norm.
+
+    Markou's ETF distance problem: Hbar = V^T/||V||_F, U* = argmin_{U^T U = I} ||Hbar - U Mt||_F
+    (delta = 0, closed form polar(Hbar Mt)); returns (U* Mt)^T. U* is not unique (Hbar Mt 1 = 0),
+    but U* Mt is when Hbar Mt has rank C-1: the free column of U* is along 1, which Mt kills."""
+    H = _rows_to_hbar(V, "V")
+    U, _, _ = polar_factor(apply_mt(H), "svd")
+    return apply_mt(U).mT
+
+
+def nearest_etf_distance(V: Tensor, squared: bool = False) -> float:
+    """Distance of the rows of ``V`` (C x d) to their nearest simplex ETF (Markou's "ETF distance").
+
+    ``|| V^T/||V||_F - U* Mt ||_F`` with U* from :func:`nearest_etf` (delta = 0). Equivalently
+    ``sqrt(2 - 2 ||Hbar Mt||_*)`` (nuclear norm). 0 exactly when V is a (rotated, scaled) simplex
+    ETF; at most sqrt(2). ``squared=True`` returns the squared distance (the paper's objective).
+    V is used as given (not centred): pass W, or the centred class means Mdot."""
+    H = _rows_to_hbar(V, "V")
+    U, _, _ = polar_factor(apply_mt(H), "svd")
+    dist = float((H - apply_mt(U)).norm())
+    return dist * dist if squared else dist
+
+
+def etf_distance_between(V1: Tensor, V2: Tensor, squared: bool = False) -> float:
+    """Frobenius distance between the nearest ETFs of V1 and of V2 (C x d each), Markou's distance
+    "between the W-ETF and the H-ETF" (``||U1 Mt - U2 Mt||_F``; the paper's code reports its square)."""
+    E1, E2 = nearest_etf(V1), nearest_etf(V2)
+    if E1.shape != E2.shape:
+        raise ValueError(f"V1 and V2 must have the same shape; got {tuple(E1.shape)} and {tuple(E2.shape)}.")
+    dist = float((E1 - E2).norm())
+    return dist * dist if squared else dist
+
+
+# --------------------------------------------------------------------------- feature means
+class FeatureMeanTracker(nn.Module):
+    """Running matrix of centred class means of tau-normalised features (Markou Sec. 3.2; REFERENCE Sec. 4).
+
+    Per batch: h <- tau h/||h||; mu_G = batch mean; X_t = [mu_c - mu_G] (d x C) where a class
+    absent from the batch keeps its previous column (X_t[:, c] = H_{t-1}[:, c], so H_t[:, c] =
+    H_{t-1}[:, c], as the authors' ``FeaturesMovingAverageLayer``; H_0 = 0, so a class never seen
+    has a zero column -- the authors fill it with mu_G instead);
+
+        H_t = a_t X_t + (1 - a_t) H_{t-1}.detach(),   a_t = max(2/(t+1), 1e-4),
+        Hbar_t = H_t/||H_t||_F,
+
+    t counting batches over the whole run (a_1 = 1). Gradients flow from Hbar_t to this batch's
+    features only. State (``H``, ``step``) lives in buffers, so it is saved by ``state_dict``.
+    Vectorised: class sums by one ``index_add`` over the batch.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, min_rate: float = MIN_RATE) -> None:
+        super().__init__()
+        self.feature_dim = check_int("feature_dim", feature_dim, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.tau = check_positive("tau", tau)
+        self.min_rate = check_positive("min_rate", min_rate)
+        self.register_buffer("H", torch.zeros(self.feature_dim, self.num_classes))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def rate(self, t: int) -> float:
+        """a_t = max(2/(t+1), min_rate) for batch t = 1, 2, ..."""
+        return max(2.0 / (t + 1), self.min_rate)
+
+    def normalise(self, h: Tensor) -> Tensor:
+        """tau h/||h|| per row (Markou's feature normalisation)."""
+        return self.tau * F.normalize(h, dim=1)
+
+    def _check(self, f: Tensor, labels: Tensor) -> Tensor:
+        if f.ndim != 2 or f.shape[1] != self.feature_dim:
+            raise ValueError(f"features must be (B x {self.feature_dim}); got shape {tuple(f.shape)}.")
+        labels = torch.as_tensor(labels, device=f.device)
+        if labels.ndim != 1 or labels.shape[0] != f.shape[0]:
+            raise ValueError(f"labels must be a 1-D tensor of length {f.shape[0]}; got shape {tuple(labels.shape)}.")
+        labels = labels.long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); got range "
+                             f"[{int(labels.min())}, {int(labels.max())}].")
+        return labels
+
+    def update_normalised(self, f: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """One step on already tau-normalised features ``f`` (B x d). Returns ``(Hbar, mu_G)``."""
+        labels = self._check(f, labels)
+        C = self.num_classes
+        mu_G = f.mean(dim=0)
+        counts = torch.bincount(labels, minlength=C)
+        sums = f.new_zeros(C, self.feature_dim).index_add(0, labels, f)
+        means = sums / counts.clamp_min(1).to(f.dtype)[:, None]
+        H_prev = self.H.to(f.dtype)
+        X = torch.where((counts > 0)[None, :], (means - mu_G).mT, H_prev)
+        with torch.no_grad():
+            self.step += 1
+        a = self.rate(int(self.step))
+        H = a * X + (1.0 - a) * H_prev
+        with torch.no_grad():
+            self.H.copy_(H.detach())
+        return H / H.norm(), mu_G
+
+    def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalise the raw features and update: returns ``(Hbar (d x C), mu_G (d,))``."""
+        return self.update_normalised(self.normalise(h), labels)
+
+    def hbar(self) -> Tensor:
+        """The current Hbar = H/||H||_F (no gradient)."""
+        return self.H / self.H.norm()
+
+
+# --------------------------------------------------------------------------- heads
+class CosineHead(Head):
+    """Markou's "standard" classifier with normalisation: a learned linear layer on tau-normalised
+    features whose rows are renormalised to unit norm after every optimiser step.
+
+        logits = W (tau h/||h||) + b,    after each step  w_c <- w_c/||w_c||.
+
+    The renormalisation is **not** done in forward (that would be weight normalisation, a
+    different gradient): the trainer calls :meth:`renormalise_` after ``optimizer.step()``, as the
+    authors' ``model.normalise_classifier()``; ``renormalise_after_step`` is True to say so.
+    """
+
+    renormalise_after_step = True
+
+    def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, bias: bool = True) -> None:
+        super().__init__()
+        self.feature_dim = check_int("feature_dim", feature_dim, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.tau = check_positive("tau", tau)
+        self.linear = nn.Linear(self.feature_dim, self.num_classes, bias=bias)
+        self.renormalise_()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.linear.bias
+
+    @torch.no_grad()
+    def renormalise_(self) -> None:
+        """w_c <- w_c/||w_c|| for every row (call after each optimiser step)."""
+        self.linear.weight.copy_(F.normalize(self.linear.weight, dim=1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.linear(self.tau * F.normalize(h, dim=1))
+
+    def classifier(self) -> tuple[Tensor, Tensor | None]:
+        b = self.linear.bias
+        return self.linear.weight.detach(), None if b is None else b.detach()
+
+
+class ImplicitETFHead(Head):
+    """Markou's implicit ETF classifier: the classifier is the simplex ETF nearest to the feature means.
+
+    Training mode, per batch (REFERENCE Sec. 4):
+        f = tau h/||h||, mu_G = mean(f);  Hbar from :class:`FeatureMeanTracker` (needs labels);
+        U* = nearest_etf_node(Hbar, U_prox, delta)   (first batch: U_prox = polar(Hbar Mt), the
+             paper's first solve without proximal term -- U* then equals it);
+        W = (U* sqrt(C/(C-1)) (I - 11^T/C))^T,  b = -W mu_G,  logits = W f + b;
+        U_prox <- U*.
+    W and b are not parameters (the optimiser never sees them); gradients reach the features via
+    f, mu_G and, with ``backprop_through_node=True``, via Hbar through the node (False: the paper's
+    ablation, U* detached). Eval mode uses the W, b of the last training batch. W, b, U_prox and the
+    tracker are buffers (saved and restored by ``state_dict``).
+
+    Call it as ``head(h, labels)`` in training mode (``needs_labels`` is True); ``head(h)`` in eval.
+    ``solver``: ``"closed"`` (polar factor) or ``"riemannian"`` (trust region, warm start U_prox,
+    at most ``max_iter`` iterations; ``last_iterations`` reports the count). Needs d >= C.
+    """
+
+    needs_labels = True
+
+    def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, delta: float = DEFAULT_DELTA,
+                 solver: str = "closed", backprop_through_node: bool = True, max_iter: int = 30,
+                 polar_method: str = "auto") -> None:
+        super().__init__()
+        self.feature_dim = check_int("feature_dim", feature_dim, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        _check_dims(self.feature_dim, self.num_classes, "ImplicitETFHead")
+        self.tau = check_positive("tau", tau)
+        self.delta = check_positive("delta", delta)
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.polar_method = check_choice("polar_method", polar_method, POLAR_METHODS)
+        self.max_iter = check_int("max_iter", max_iter, 1)
+        self.backprop_through_node = bool(backprop_through_node)
+        self.tracker = FeatureMeanTracker(self.feature_dim, self.num_classes, tau=self.tau)
+        d, C = self.feature_dim, self.num_classes
+        self.register_buffer("U_prox", torch.zeros(d, C))
+        self.register_buffer("weight", torch.zeros(C, d))
+        self.register_buffer("bias", torch.zeros(C))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.last_iterations = 0
+
+    def _first_solve(self, Hbar: Tensor) -> Tensor:
+        """The first solve, without proximal term (REFERENCE Sec. 4; the authors start pymanopt at eye(d, C))."""
+        d, C = Hbar.shape
+        start = torch.eye(d, C, dtype=Hbar.dtype, device=Hbar.device)
+        U0, it = nearest_etf_solve(Hbar.detach(), None, 0.0, solver=self.solver, U_init=start,
+                                   max_iter=max(self.max_iter, 100), polar_method=self.polar_method)
+        return U0
+
+    def forward(self, h: Tensor, labels: Tensor | None = None) -> Tensor:
+        f = self.tracker.normalise(h)
+        if not self.training:
+            return f @ self.weight.to(f.dtype).mT + self.bias.to(f.dtype)
+        if labels is None:
+            raise ValueError("ImplicitETFHead needs the labels in training mode: call head(h, labels) "
+                             "(its feature means are class means); in eval mode call head(h).")
+        Hbar, mu_G = self.tracker.update_normalised(f, labels)
+        if bool(self.initialised):
+            U_prox = self.U_prox.to(Hbar.dtype)
+        else:
+            U_prox = self._first_solve(Hbar)
+        kw = dict(solver=self.solver, U_init=U_prox, max_iter=self.max_iter, polar_method=self.polar_method)
+        if self.backprop_through_node:
+            U, it = nearest_etf_node(Hbar, U_prox, self.delta, **kw)
+        else:
+            U, it = nearest_etf_solve(Hbar.detach(), U_prox, self.delta, **kw)
+        W = etf_classifier(U)
+        b = -(W @ mu_G)
+        with torch.no_grad():
+            self.U_prox.copy_(U.detach())
+            self.weight.copy_(W.detach())
+            self.bias.copy_(b.detach())
+            self.initialised.fill_(True)
+        self.last_iterations = it
+        return f @ W.mT + b
+
+    def classifier(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight.detach(), self.bias.detach()
+
+
+# --------------------------------------------------------------------------- stratified batches
+class StratifiedBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices with every class in every batch (when C <= batch_size), for the implicit
+    ETF head, whose class means need every class (Markou's authors sample class-balanced batches).
+
+    Per epoch (a generator seeded from ``(seed, epoch)``: deterministic per seed), with
+    n_b = ceil(N/batch_size) batches:
+    * C <= batch_size: each class is shuffled; its first n_b samples go one to each batch (a class
+      with fewer than n_b samples is cycled, i.e. oversampled, so that it still reaches every
+      batch); the remaining samples are shuffled and spread evenly over the batches. Batches then
+      hold about N/n_b <= batch_size samples (more only when a class was oversampled). Each sample
+      appears once per epoch otherwise.
+    * C > batch_size: the classes cannot all fit; samples are interleaved (class c's k-th shuffled
+      sample at position (k + u_c)/n_c, u_c uniform) and cut into batches of batch_size, so each
+      batch has distinct classes as far as possible.
+    Iterating advances the epoch; :meth:`set_epoch` sets it. Yields lists of int indices.
+    """
+
+    def __init__(self, labels: Sequence[int] | Tensor, batch_size: int, seed: int = 0) -> None:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() == 0:
+            raise ValueError("labels must not be empty.")
+        if int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0; got min {int(labels.min())}.")
+        self.labels = labels
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed)
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        self.classes, self._cls, self._counts = classes, inverse, counts
+        self.num_batches = math.ceil(labels.numel() / self.batch_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = check_int("epoch", epoch, 0)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def batches(self) -> list[list[int]]:
+        """The batches of the current epoch (without advancing it)."""
+        g = self._generator()
+        N, C, nb = self.labels.numel(), self.classes.numel(), self.num_batches
+        perm = torch.randperm(N, generator=g)
+        cls_perm = self._cls[perm]
+        order = torch.argsort(cls_perm, stable=True)
+        idx = perm[order]  # grouped by class, shuffled within each class
+        cls = cls_perm[order]
+        starts = torch.cumsum(self._counts, 0) - self._counts
+        rank = torch.arange(N) - starts[cls]
+        if C > self.batch_size:
+            u = torch.rand(C, generator=g, dtype=torch.float64)
+            key = (rank.double() + u[cls]) / self._counts[cls].double()
+            flat = idx[torch.argsort(key, stable=True)]
+            return [b.tolist() for b in torch.split(flat, self.batch_size)]
+        slot = torch.arange(nb)
+        reserved = idx[starts[:, None] + slot[None, :] % self._counts[:, None]]  # C x nb, one per class per batch
+        reserved_batch = slot.expand(C, nb)
+        pool = idx[rank >= nb]
+        pool = pool[torch.randperm(pool.numel(), generator=g)]
+        pool_batch = torch.arange(pool.numel()) * nb // max(pool.numel(), 1)
+        all_idx = torch.cat([reserved.reshape(-1), pool])
+        all_batch = torch.cat([reserved_batch.reshape(-1), pool_batch])
+        key = all_batch.double() + torch.rand(all_idx.numel(), generator=g, dtype=torch.float64)
+        o = torch.argsort(key)
+        sizes = torch.bincount(all_batch, minlength=nb).tolist()
+        return [b.tolist() for b in torch.split(all_idx[o], sizes)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        out = self.batches()
+        self.epoch += 1
+        return iter(out)

@@ -1,0 +1,904 @@
+"""The unconstrained features model (UFM) of Zhu et al. (2021): train it, check it, probe its landscape.
+
+The network body is replaced by free feature vectors. With C classes, n_c features per class
+(N = sum_c n_c, balanced n_c = n by default), features H (N x d, one row h_i per sample), a
+classifier head (a :class:`nc_lib.heads.Head`; for the default :class:`~nc_lib.heads.LinearHead`
+logits = W h + b with W (C x d), b (C,)), the objective is (REFERENCE.md section 3)
+
+    f(W, H, b) = (1/N) sum_i loss(W h_i + b, y_i) + lambda_W/2 ||W||_F^2
+                 + lambda_H/2 ||H||_F^2 + lambda_b/2 ||b||^2,
+
+with loss the cross-entropy ``"ce"`` or the squared error ``"mse"``,
+loss(z, y) = 1/2 ||z - e_y||^2 (Zhou et al. 2022's regularised MSE UFM).
+
+What is here
+------------
+* :class:`UFMConfig` and :func:`train_ufm`: seeded initialisation, optimisers ``"gd"`` (full
+  batch), ``"sgd"`` (minibatch), ``"adam"``, ``"lbfgs"``; every ``measure_every`` steps a record
+  with loss, objective, accuracy, norms and every measurement of
+  :func:`nc_lib.metrics.measure_collapse`, and a snapshot (class means, classifier rows, a
+  fixed subsample of features) for :func:`nc_lib.plots.collapse_animation`. A run stops and
+  resumes from its :class:`UFMHistory` with identical results.
+* :func:`ufm_global_minimum`: Zhu et al. 2021, Theorem 3.1 -- the global minimiser and the
+  optimal objective value, from the 1-D problem in the classifier norm solved to machine precision.
+* :class:`UFMObjective`, :func:`lanczos_smallest`, :func:`origin_saddle`: the objective as a
+  function of one flat vector, Hessian-vector products through ``torch.autograd``, the most
+  negative Hessian eigenvalue by Lanczos, and the strict saddle at the origin (Zhu et al.,
+  Theorem 3.2: every critical point that is not a global minimiser is a strict saddle).
+
+Which head parameters are decayed: every head parameter whose name ends in ``"bias"`` gets
+lambda_b, every other head parameter lambda_W (for LinearHead: W and b exactly as above). The
+trainer only calls ``head(h)``, ``head.named_parameters()`` and, to measure, ``head.classifier()``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import etf
+from .heads import FixedETFHead, Head, LinearHead
+from .validation import check_choice, check_int, check_nonnegative, check_positive
+
+LOSSES = ("ce", "mse")
+OPTIMIZERS = ("gd", "sgd", "adam", "lbfgs")
+HEADS = ("linear", "fixed_etf")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Default learning rate per (optimiser, loss), tuned on UFM-10 with lambdas 5e-4 (CE + GD reaches
+#: the theorem's objective to ~1e-7 relative in 2,000 steps). MSE has bias curvature 1, so GD needs lr < 2.
+DEFAULT_LR = {("gd", "ce"): 10.0, ("gd", "mse"): 1.0, ("sgd", "ce"): 5.0, ("sgd", "mse"): 0.5,
+              ("adam", "ce"): 1e-2, ("adam", "mse"): 1e-2, ("lbfgs", "ce"): 1.0, ("lbfgs", "mse"): 1.0}
+
+#: Keys of a training record besides the measurements of nc_lib.metrics.
+RECORD_KEYS = ("step", "loss", "objective", "accuracy", "norm_W", "norm_H", "norm_b", "time")
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class UFMConfig:
+    """Everything that defines a UFM run (all validated by :meth:`validate`).
+
+    num_classes C; n_per_class an int (balanced) or a list of C counts (unbalanced); feature_dim d;
+    loss "ce"|"mse"; optimizer "gd"|"sgd"|"adam"|"lbfgs"; lr (None: :data:`DEFAULT_LR`);
+    momentum (gd/sgd); batch_size (sgd: default 128; adam: None = full batch); lambda_W,
+    lambda_H, lambda_b the weight decays; bias: learn b; head "linear"|"fixed_etf" or a callable
+    ``(feature_dim, num_classes) -> Head`` (later heads drop in unchanged); head_kwargs passed on;
+    init_scale: H and (LinearHead) W entries ~ N(0, init_scale^2), b = 0; seed; dtype
+    "float32"|"float64"; snapshot_classes / snapshot_features_per_class: how much of each
+    snapshot to keep (the first classes, a fixed random subsample of their features).
+    """
+
+    num_classes: int = 10
+    n_per_class: int | Sequence[int] = 100
+    feature_dim: int = 512
+    loss: str = "ce"
+    optimizer: str = "gd"
+    lr: float | None = None
+    momentum: float = 0.0
+    batch_size: int | None = None
+    lambda_W: float = 5e-4
+    lambda_H: float = 5e-4
+    lambda_b: float = 5e-4
+    bias: bool = True
+    head: str | Callable[[int, int], Head] = "linear"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_scale: float = 0.1
+    seed: int = 0
+    dtype: str = "float32"
+    snapshot_classes: int = 20
+    snapshot_features_per_class: int = 10
+
+    def validate(self) -> "UFMConfig":
+        """Check every field; raise a ValueError naming the parameter and the valid choices."""
+        C = check_int("num_classes", self.num_classes, 2)
+        check_int("feature_dim", self.feature_dim, 1)
+        self.counts()
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        check_nonnegative("momentum", self.momentum)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if self.momentum and self.optimizer not in ("gd", "sgd"):
+            raise ValueError(f"momentum applies to optimizer 'gd' or 'sgd', not {self.optimizer!r}; set momentum=0.")
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, 1)
+            if self.optimizer in ("gd", "lbfgs"):
+                raise ValueError(f"batch_size applies to optimizer 'sgd' or 'adam'; optimizer={self.optimizer!r} "
+                                 "is full batch: set batch_size=None.")
+        for name in ("lambda_W", "lambda_H", "lambda_b", "init_scale"):
+            check_nonnegative(name, getattr(self, name))
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be True or False, got {self.bias!r}.")
+        if not callable(self.head):
+            check_choice("head", self.head, HEADS)
+            if self.head == "fixed_etf" and self.feature_dim < C:
+                raise ValueError(f"head='fixed_etf' needs feature_dim >= num_classes; got feature_dim="
+                                 f"{self.feature_dim}, num_classes={C}. Use head='linear' for d < C.")
+        check_int("seed", self.seed, 0)
+        check_choice("dtype", self.dtype, list(DTYPES))
+        check_int("snapshot_classes", self.snapshot_classes, 1)
+        check_int("snapshot_features_per_class", self.snapshot_features_per_class, 0)
+        return self
+
+    def counts(self) -> list[int]:
+        """Samples per class (C ints)."""
+        C = check_int("num_classes", self.num_classes, 2)
+        if isinstance(self.n_per_class, (list, tuple)):
+            if len(self.n_per_class) != C:
+                raise ValueError(f"n_per_class must be one int or a list of num_classes={C} ints; "
+                                 f"got a list of {len(self.n_per_class)}.")
+            return [check_int(f"n_per_class[{c}]", v, 1) for c, v in enumerate(self.n_per_class)]
+        return [check_int("n_per_class", self.n_per_class, 1)] * C
+
+    @property
+    def balanced(self) -> bool:
+        return len(set(self.counts())) == 1
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts())
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[(self.optimizer, self.loss)] if self.lr is None else float(self.lr)
+
+    @property
+    def effective_batch_size(self) -> int | None:
+        if self.optimizer == "sgd":
+            return min(self.batch_size or 128, self.num_samples)
+        if self.optimizer == "adam" and self.batch_size is not None:
+            return min(self.batch_size, self.num_samples)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if callable(self.head):
+            d["head"] = getattr(self.head, "__name__", repr(self.head))
+        if isinstance(d["n_per_class"], tuple):
+            d["n_per_class"] = list(d["n_per_class"])
+        return d
+
+
+def as_config(config: UFMConfig | dict[str, Any] | None = None, **overrides: Any) -> UFMConfig:
+    """A validated :class:`UFMConfig` from a config, a dict of its fields, or keywords."""
+    if config is None:
+        config = UFMConfig()
+    elif isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(UFMConfig)}
+        bad = sorted(set(config) - fields)
+        if bad:
+            raise ValueError(f"unknown UFM config field(s) {bad}; valid fields are {sorted(fields)}.")
+        config = UFMConfig(**config)
+    elif not isinstance(config, UFMConfig):
+        raise ValueError(f"config must be a UFMConfig, a dict or None; got {type(config).__name__}.")
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return config.validate()
+
+
+def ufm_labels(counts: Sequence[int]) -> Tensor:
+    """Labels in class-major order: n_0 zeros, then n_1 ones, ... (long tensor)."""
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts)))
+
+
+# --------------------------------------------------------------------------- the model
+def _make_head(config: UFMConfig) -> Head:
+    d, C = config.feature_dim, config.num_classes
+    if callable(config.head):
+        head = config.head(d, C, **config.head_kwargs)
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"head callable must return a torch.nn.Module (a nc_lib.heads.Head); got {type(head).__name__}.")
+        return head
+    if config.head == "linear":
+        return LinearHead(d, C, bias=config.bias, **config.head_kwargs)
+    kwargs = {"bias": "learned" if config.bias else "none", **config.head_kwargs}
+    return FixedETFHead(d, C, **kwargs)
+
+
+class UFM(nn.Module):
+    """Free features ``H`` (N x d parameter) and a classifier head; ``labels`` a buffer."""
+
+    def __init__(self, config: UFMConfig, H: Tensor | None = None, W: Tensor | None = None,
+                 b: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config = as_config(config)
+        dtype = DTYPES[config.dtype]
+        g = torch.Generator().manual_seed(config.seed)
+        N, d = config.num_samples, config.feature_dim
+        self.register_buffer("labels", ufm_labels(config.counts()))
+        h0 = config.init_scale * torch.randn(N, d, generator=g, dtype=torch.float64)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.head = _make_head(config).to(dtype)
+        if isinstance(self.head, LinearHead):
+            with torch.no_grad():
+                self.head.linear.weight.copy_(config.init_scale * torch.randn(
+                    config.num_classes, d, generator=g, dtype=torch.float64))
+                if self.head.linear.bias is not None:
+                    self.head.linear.bias.zero_()
+        self.H = nn.Parameter(h0.to(dtype))
+        with torch.no_grad():
+            if H is not None:
+                self.H.copy_(torch.as_tensor(H))
+            if W is not None or b is not None:
+                if not isinstance(self.head, LinearHead):
+                    raise ValueError("W and b can only be set for head='linear'.")
+                if W is not None:
+                    self.head.linear.weight.copy_(torch.as_tensor(W))
+                if b is not None:
+                    if self.head.linear.bias is None:
+                        raise ValueError("b was given but the config has bias=False.")
+                    self.head.linear.bias.copy_(torch.as_tensor(b))
+
+    def forward(self, index: Tensor | None = None) -> Tensor:
+        """Logits of all samples (or of the rows ``index``)."""
+        h = self.H if index is None else self.H[index]
+        return self.head(h)
+
+    def classifier(self) -> tuple[Tensor, Tensor | None]:
+        return self.head.classifier()
+
+    def param_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
+        """(name, parameters, weight decay): H -> lambda_H, head biases -> lambda_b, other head params -> lambda_W."""
+        cfg = self.config
+        weights = [p for n, p in self.head.named_parameters() if p.requires_grad and not n.endswith("bias")]
+        biases = [p for n, p in self.head.named_parameters() if p.requires_grad and n.endswith("bias")]
+        groups = [("H", [self.H], cfg.lambda_H), ("W", weights, cfg.lambda_W), ("b", biases, cfg.lambda_b)]
+        return [g for g in groups if g[1]]
+
+    def regulariser(self) -> Tensor:
+        """lambda_W/2 ||W||^2 + lambda_H/2 ||H||^2 + lambda_b/2 ||b||^2 (head parameters as in :meth:`param_groups`)."""
+        total = self.H.new_zeros(())
+        for _, params, lam in self.param_groups():
+            if lam:
+                total = total + lam / 2 * sum(torch.linalg.vector_norm(p) ** 2 for p in params)
+        return total
+
+
+def data_loss(logits: Tensor, labels: Tensor, loss: str) -> Tensor:
+    """Mean over samples of CE(z_i, y_i), or of 1/2 ||z_i - e_{y_i}||^2 for ``"mse"``."""
+    check_choice("loss", loss, LOSSES)
+    if loss == "ce":
+        return F.cross_entropy(logits, labels)
+    target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return 0.5 * (logits - target).pow(2).sum(1).mean()
+
+
+def ufm_objective(W: Tensor, H: Tensor, b: Tensor | None, labels: Tensor, *, loss: str = "ce",
+                  lambda_W: float = 5e-4, lambda_H: float = 5e-4, lambda_b: float = 5e-4) -> Tensor:
+    """f(W, H, b) = (1/N) sum_i loss(W h_i + b, y_i) + lambda_W/2||W||^2 + lambda_H/2||H||^2 + lambda_b/2||b||^2."""
+    logits = H @ W.T if b is None else H @ W.T + b
+    f = data_loss(logits, labels, loss) + lambda_W / 2 * W.pow(2).sum() + lambda_H / 2 * H.pow(2).sum()
+    if b is not None:
+        f = f + lambda_b / 2 * b.pow(2).sum()
+    return f
+
+
+# --------------------------------------------------------------------------- training
+def _make_optimizer(model: UFM) -> torch.optim.Optimizer:
+    cfg = model.config
+    lr = cfg.learning_rate
+    groups = model.param_groups()
+    if cfg.optimizer == "lbfgs":  # one parameter group only: the closure adds the regulariser itself
+        params = [p for _, ps, _ in groups for p in ps]
+        return torch.optim.LBFGS(params, lr=lr, history_size=10, max_iter=1, line_search_fn="strong_wolfe",
+                                 tolerance_grad=1e-15, tolerance_change=1e-20)
+    # weight decay in the optimiser adds lambda p to the gradient: exactly the gradient of lambda/2 ||p||^2
+    pg = [{"params": ps, "weight_decay": lam} for _, ps, lam in groups]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(pg, lr=lr)
+    return torch.optim.SGD(pg, lr=lr, momentum=cfg.momentum)
+
+
+class UFMHistory:
+    """A UFM run: its model and optimiser state, its records and snapshots; pass it back to
+    :func:`train_ufm` to resume exactly where it stopped.
+
+    ``records``: one dict per measurement (keys :data:`RECORD_KEYS` plus every key of
+    :func:`nc_lib.metrics.measure_collapse`); ``snapshots``: one dict per measurement with
+    ``step``, ``means`` (first ``snapshot_classes`` class means, rows), ``W`` (their classifier
+    rows), ``global_mean`` (mean of all class means), ``features`` and ``feature_labels`` (a fixed
+    subsample), all float64 CPU tensors; ``step``: optimiser steps taken so far.
+    """
+
+    def __init__(self, config: UFMConfig | dict[str, Any] | None = None, *, H: Tensor | None = None,
+                 W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True) -> None:
+        self.config = as_config(config)
+        self.model = UFM(self.config, H=H, W=W, b=b)
+        self.optimizer = _make_optimizer(self.model)
+        self.step = 0
+        self.records: list[dict[str, float]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        self.rng = torch.Generator().manual_seed(self.config.seed + 1)  # minibatch order
+        self.perm: Tensor | None = None
+        self.perm_pos = 0
+        self.stopped_early = False
+        self.fast_path = fast_path
+        self._rows: Tensor | None = None
+        self._averaging: Tensor | None = None
+        self.live_figure: Any = None
+        self._snapshot_index = self._choose_snapshot_rows()
+
+    # ---- helpers
+    def _choose_snapshot_rows(self) -> Tensor:
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        labels = self.model.labels
+        rows = []
+        for c in range(min(cfg.num_classes, cfg.snapshot_classes)):
+            idx = (labels == c).nonzero().flatten()
+            k = min(cfg.snapshot_features_per_class, idx.numel())
+            rows.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.model.labels
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one record key."""
+        if self.records and key not in self.records[-1]:
+            raise ValueError(f"key={key!r} is not recorded; choose one of {sorted(self.records[-1])}.")
+        return [r["step"] for r in self.records], [r[key] for r in self.records]
+
+    @property
+    def last(self) -> dict[str, float]:
+        if not self.records:
+            raise ValueError("this history has no records yet; train it first.")
+        return self.records[-1]
+
+    def parameters(self) -> dict[str, Tensor]:
+        """Current H, W, b (detached; W, b from ``head.classifier()``)."""
+        W, b = self.model.classifier()
+        return {"H": self.model.H.detach(), "W": W.detach(), "b": None if b is None else b.detach()}
+
+    # ---- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "step": self.step, "records": self.records,
+            "snapshots": self.snapshots, "elapsed": self.elapsed, "rng": self.rng.get_state(),
+            "perm": self.perm, "perm_pos": self.perm_pos,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Save everything needed to resume (needs a named head, not a callable)."""
+        if callable(self.config.head):
+            raise ValueError("a run with a callable head cannot be saved by name; use head='linear' or 'fixed_etf'.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "UFMHistory":
+        state = torch.load(Path(path), weights_only=False)
+        hist = cls(state["config"])
+        hist.model.load_state_dict(state["model"])
+        hist.optimizer.load_state_dict(state["optimizer"])
+        hist.step, hist.records, hist.snapshots = state["step"], state["records"], state["snapshots"]
+        hist.elapsed, hist.perm, hist.perm_pos = state["elapsed"], state["perm"], state["perm_pos"]
+        hist.rng.set_state(state["rng"])
+        return hist
+
+    def copy(self) -> "UFMHistory":
+        """An independent deep copy (to branch a run)."""
+        live, self.live_figure = self.live_figure, None
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self.live_figure = live
+
+    # ---- one step
+    def _next_batch(self, B: int) -> Tensor:
+        N = self.config.num_samples
+        if self.perm is None or self.perm_pos + B > N:
+            self.perm = torch.randperm(N, generator=self.rng)
+            self.perm_pos = 0
+        idx = self.perm[self.perm_pos:self.perm_pos + B]
+        self.perm_pos += B
+        return idx
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Full-batch GD without momentum on a LinearHead takes a fused, hand-derived step (no autograd)."""
+        cfg = self.config
+        return (self.fast_path and cfg.optimizer == "gd" and cfg.momentum == 0
+                and type(self.model.head) is LinearHead)
+
+    @torch.no_grad()
+    def _fast_gd_step(self) -> None:
+        """One GD step with the gradients written out (same update as torch.optim.SGD with weight decay):
+
+            G = (softmax(Z) - Y)/N  (CE)  or  (Z - Y)/N  (MSE),   Z = H W^T + b,
+            W <- W - lr (G^T H + lambda_W W),  b <- b - lr (1^T G + lambda_b b),
+            H <- (1 - lr lambda_H) H - lr G W   (one fused addmm_, the old W).
+        """
+        cfg, model = self.config, self.model
+        lr = cfg.learning_rate
+        H, W, b = model.H, model.head.linear.weight, model.head.linear.bias
+        N = H.shape[0]
+        Z = torch.addmm(b, H, W.T) if b is not None else H @ W.T
+        G = torch.softmax(Z, dim=1) if cfg.loss == "ce" else Z
+        if self._rows is None:
+            self._rows = torch.arange(N)
+        G[self._rows, model.labels] -= 1.0
+        G /= N
+        gW = G.T @ H
+        H.addmm_(G, W, beta=1.0 - lr * cfg.lambda_H, alpha=-lr)
+        gW.add_(W, alpha=cfg.lambda_W)
+        W.add_(gW, alpha=-lr)
+        if b is not None:
+            gb = G.sum(0).add_(b, alpha=cfg.lambda_b)
+            b.add_(gb, alpha=-lr)
+
+    def _step(self) -> None:
+        model, opt, cfg = self.model, self.optimizer, self.config
+        labels = model.labels
+        if self.uses_fast_path:
+            self._fast_gd_step()
+            return
+        if cfg.optimizer == "lbfgs":
+            def closure() -> Tensor:
+                opt.zero_grad(set_to_none=True)
+                f = data_loss(model(), labels, cfg.loss) + model.regulariser()
+                f.backward()
+                return f
+            opt.step(closure)
+            state = opt.state[opt.param_groups[0]["params"][0]]
+            if state.get("t", 1.0) == 0:
+                # the strong-Wolfe search found no step along a poor quasi-Newton direction; torch's
+                # LBFGS would then repeat that direction forever: restart from steepest descent
+                state.clear()
+            return
+        opt.zero_grad(set_to_none=True)
+        B = cfg.effective_batch_size
+        if B is None:
+            loss = data_loss(model(), labels, cfg.loss)
+        else:
+            idx = self._next_batch(B)
+            loss = data_loss(model(idx), labels[idx], cfg.loss)
+        loss.backward()
+        opt.step()
+
+    # ---- measurement
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        """Record loss, objective, accuracy, norms and every collapse measurement at the current step,
+        and a snapshot. Returns the record."""
+        from .metrics import measure_collapse
+
+        model, cfg = self.model, self.config
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model()
+            loss = float(data_loss(logits, model.labels, cfg.loss))
+            W, b = model.classifier()
+            H = model.H.detach()
+            rec: dict[str, float] = {"step": self.step, "loss": loss, "objective": loss + float(model.regulariser())}
+            if not math.isfinite(rec["objective"]):
+                raise FloatingPointError(
+                    f"the UFM diverged: the objective is {rec['objective']} at step {self.step}; lower lr "
+                    f"(now {cfg.learning_rate} for optimizer={cfg.optimizer!r}, loss={cfg.loss!r}).")
+            rec.update(measure_collapse(H, model.labels, cfg.num_classes, W, b))
+            rec["accuracy"] = float((logits.argmax(1) == model.labels).double().mean())
+            rec["norm_W"] = float(torch.linalg.vector_norm(W))
+            rec["norm_H"] = float(torch.linalg.vector_norm(H))
+            rec["norm_b"] = 0.0 if b is None else float(b.norm())
+            rec["time"] = self.elapsed
+        finally:
+            model.train(was_training)
+        self.records.append(rec)
+        self._snapshot(H, W)
+        return rec
+
+    def _snapshot(self, H: Tensor, W: Tensor) -> None:
+        cfg = self.config
+        S = min(cfg.num_classes, cfg.snapshot_classes)
+        labels = self.model.labels
+        if self._averaging is None or self._averaging.dtype != H.dtype:
+            onehot = torch.zeros(cfg.num_classes, labels.numel(), dtype=H.dtype)
+            onehot[labels, torch.arange(labels.numel())] = 1.0
+            self._averaging = onehot / onehot.sum(1, keepdim=True)
+        means = (self._averaging @ H).to(torch.float64)  # one pass over H: class means
+        idx = self._snapshot_index
+        self.snapshots.append({
+            "step": self.step, "means": means[:S].clone(), "W": W[:S].to(torch.float64).clone(),
+            "global_mean": means.mean(0), "features": H[idx].to(torch.float64).clone(),
+            "feature_labels": labels[idx].clone(), "num_classes": cfg.num_classes,
+        })
+
+
+def start_ufm(config: UFMConfig | dict[str, Any] | None = None, *, H: Tensor | None = None,
+              W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True) -> UFMHistory:
+    """A fresh run at its seeded initialisation, or at a given point (H, W, b) (head='linear' for W, b).
+
+    ``fast_path=False`` makes full-batch GD use torch.optim.SGD and autograd like every other
+    optimiser (same update, different rounding)."""
+    return UFMHistory(config, H=H, W=W, b=b, fast_path=fast_path)
+
+
+LIVE_KEYS = ("objective", "within_class_variability", "classifier_etf_distance", "classifier_means_alignment")
+
+
+def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 2000, measure_every: int = 20,
+              history: UFMHistory | None = None, *, progress: bool = True, live: Any = False,
+              live_keys: Sequence[str] = LIVE_KEYS, stop_when: Callable[[UFMHistory], bool] | None = None,
+              callback: Callable[[UFMHistory, dict[str, float]], None] | None = None,
+              num_threads: int | None = None) -> UFMHistory:
+    """Train the UFM for ``steps`` more optimiser steps, measuring every ``measure_every`` steps.
+
+    ``history=None`` starts a run from ``config``; pass a :class:`UFMHistory` to resume it (then
+    ``config`` may be None, and if given must equal the run's). Measurements (and snapshots) are
+    taken at every step that is a multiple of ``measure_every`` (step 0 included), and at the
+    last step of the call, so a run trained in pieces records the same as one trained at once
+    when the pieces end on multiples of ``measure_every``; its parameters are identical in any
+    case. ``progress`` shows a tqdm.auto bar; ``live=True`` displays a plotly FigureWidget of
+    ``live_keys`` updated at each measurement (or pass your own from
+    :func:`nc_lib.plots.live_metrics_figure`); ``stop_when(history)`` is asked after each
+    measurement and stops the run when it returns True (``history.stopped_early``);
+    ``callback(history, record)`` is called after each measurement.
+
+    ``num_threads``: torch threads during the call (restored after). None picks 1 for small
+    problems (N d <= 2^22, e.g. UFM-10), where the matrix products are too thin to share and a
+    second thread only waits on a busy core, and leaves torch's setting alone otherwise.
+
+    Interrupting the kernel also stops the run, keeping every completed step; only an interrupt
+    that lands inside an optimiser update can leave that one step partly applied.
+    """
+    steps = check_int("steps", steps, 0)
+    measure_every = check_int("measure_every", measure_every, 1)
+    if history is None:
+        history = start_ufm(config)
+    elif not isinstance(history, UFMHistory):
+        raise ValueError(f"history must be a UFMHistory from train_ufm or None; got {type(history).__name__}.")
+    elif config is not None and as_config(config).to_dict() != history.config.to_dict():
+        raise ValueError("config differs from the config of the history being resumed; pass config=None to resume.")
+    fig = None
+    if live is True:
+        from .plots import live_metrics_figure
+        fig = live_metrics_figure(live_keys)
+        try:
+            from IPython.display import display
+            display(fig)
+        except Exception:  # noqa: BLE001 - no notebook: the figure is still returned on the history
+            pass
+    elif live:
+        fig = live
+    if fig is not None:
+        history.live_figure = fig
+    recorded = {r["step"] for r in history.records}
+
+    def measure() -> None:
+        rec = history.measure()
+        recorded.add(history.step)
+        if fig is not None:
+            from .plots import update_live_figure
+            update_live_figure(fig, history.records, live_keys)
+        if callback is not None:
+            callback(history, rec)
+
+    from tqdm.auto import tqdm
+    cfg = history.config
+    if num_threads is None:
+        num_threads = 1 if cfg.num_samples * cfg.feature_dim <= 2 ** 22 else torch.get_num_threads()
+    num_threads = check_int("num_threads", num_threads, 1)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    bar = tqdm(total=steps, disable=not progress, desc=f"UFM C={history.config.num_classes} {history.config.optimizer}",
+               leave=False)
+    history.stopped_early = False
+    target = history.step + steps
+    t0 = time.perf_counter()
+    try:
+        if history.step % measure_every == 0 and history.step not in recorded:
+            measure()
+        while history.step < target:
+            history._step()
+            history.step += 1
+            bar.update(1)
+            if history.step % measure_every == 0 or history.step == target:
+                history.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                measure()
+                last = history.records[-1]
+                bar.set_postfix(obj=f"{last['objective']:.4g}", acc=f"{last['accuracy']:.3f}",
+                                nc1=f"{last.get('within_class_variability', float('nan')):.2e}", refresh=False)
+                if stop_when is not None and stop_when(history):
+                    history.stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        history.stopped_early = True
+    finally:
+        history.elapsed += time.perf_counter() - t0
+        bar.close()
+        torch.set_num_threads(saved_threads)
+    return history
+
+
+# --------------------------------------------------------------------------- the theorem
+@dataclass
+class UFMGlobalMinimum:
+    """Zhu et al. 2021, Theorem 3.1: the global minimiser (W, H, b) and the optimal objective.
+
+    ``rho`` = ||w_c||^2, ``feature_scale`` s = sqrt(lambda_W/(lambda_H n)) with h_{c,i} = s w_c,
+    ``trivial`` when the regularisation is so strong that W = H = 0 is optimal.
+    """
+
+    W: Tensor
+    H: Tensor
+    b: Tensor
+    labels: Tensor
+    objective: float
+    rho: float
+    feature_scale: float
+    trivial: bool
+
+    @property
+    def classifier_norm(self) -> float:
+        """||w_c|| (every row)."""
+        return math.sqrt(self.rho)
+
+    @property
+    def feature_norm(self) -> float:
+        """||h_{c,i}|| (every feature)."""
+        return self.feature_scale * math.sqrt(self.rho)
+
+
+def _theorem_constants(C: int, n: int, lambda_W: float, lambda_H: float) -> tuple[float, float]:
+    s = math.sqrt(lambda_W / (lambda_H * n))
+    a = s * C / (C - 1)
+    return s, a
+
+
+def theorem_objective_1d(rho: float, C: int, n: int, lambda_W: float, lambda_H: float) -> float:
+    """g(rho) = log(1 + (C-1) exp(-a rho)) + C lambda_W rho, a = s C/(C-1), s = sqrt(lambda_W/(lambda_H n)).
+
+    This is f on the family W = sqrt(rho) * (unit simplex ETF), h_{c,i} = s w_c, b = 0: every
+    sample's logit margin is s rho C/(C-1), and lambda_W/2 ||W||^2 = lambda_H/2 ||H||^2 = C lambda_W rho/2.
+    """
+    s, a = _theorem_constants(C, n, lambda_W, lambda_H)
+    x = math.log(C - 1) - a * rho
+    softplus = x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+    return softplus + C * lambda_W * rho
+
+
+def _solve_rho(C: int, n: int, lambda_W: float, lambda_H: float) -> float:
+    """Minimise the convex g of :func:`theorem_objective_1d` over rho >= 0 by bisection on
+    g'(rho) = C lambda_W - a / (1 + exp(a rho)/(C-1)) to machine precision."""
+    s, a = _theorem_constants(C, n, lambda_W, lambda_H)
+    k = C * lambda_W
+
+    def dg(r: float) -> float:
+        z = a * r - math.log(C - 1)
+        return k - a * (math.exp(-z) / (1 + math.exp(-z)) if z > 0 else 1 / (1 + math.exp(z)))
+
+    if dg(0.0) >= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while dg(hi) < 0:
+        lo, hi = hi, 2 * hi
+    for _ in range(2000):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if dg(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def theorem_rho_closed_form(C: int, n: int, lambda_W: float, lambda_H: float) -> float:
+    """rho* = (1/a) log((C-1)(a - C lambda_W)/(C lambda_W)) when s > C lambda_W, else 0 (a, s as above).
+
+    From g'(rho) = 0: (C-1)e^{-a rho}/(1 + (C-1)e^{-a rho}) = C lambda_W / a."""
+    s, a = _theorem_constants(C, n, lambda_W, lambda_H)
+    k = C * lambda_W
+    if s <= k:
+        return 0.0
+    return math.log((C - 1) * (a - k) / k) / a
+
+
+def ufm_global_minimum(C: int, n: int, d: int, lambda_W: float, lambda_H: float, lambda_b: float = 0.0, *,
+                       rotate: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64) -> UFMGlobalMinimum:
+    """The global minimiser of the regularised CE UFM (Zhu et al. 2021, Theorem 3.1), balanced, d >= C-1.
+
+    Every global minimiser has W = sqrt(rho*) E with E a unit simplex ETF (rows, C x d),
+    h_{c,i} = sqrt(lambda_W/(lambda_H n)) w_c and b = b* 1 (b* = 0 when lambda_b > 0; with
+    lambda_b = 0 any constant works and we return 0). rho* minimises the 1-D convex function
+    :func:`theorem_objective_1d`; it is found here by bisection on its derivative to machine
+    precision (it also has the closed form :func:`theorem_rho_closed_form`). If
+    C sqrt(n lambda_W lambda_H) >= 1, rho* = 0: the minimiser is W = H = 0 with objective log C.
+    E is :func:`nc_lib.etf.simplex_etf` (canonical, or a random rotation with ``rotate``).
+    """
+    C = check_int("C", C, 2)
+    n = check_int("n", n, 1)
+    d = check_int("d", d, 1)
+    lambda_W = check_positive("lambda_W", lambda_W)
+    lambda_H = check_positive("lambda_H", lambda_H)
+    check_nonnegative("lambda_b", lambda_b)
+    if d < C - 1:
+        raise ValueError(f"Theorem 3.1 needs d >= C-1 = {C - 1} (a simplex ETF must fit); got d={d}. "
+                         "For d < C-1 train the UFM and look at what the features do (notebook 02).")
+    rho = _solve_rho(C, n, lambda_W, lambda_H)
+    s, _ = _theorem_constants(C, n, lambda_W, lambda_H)
+    E = etf.simplex_etf(C, d, rotate=rotate, seed=seed, dtype=torch.float64)
+    W = math.sqrt(rho) * E
+    labels = ufm_labels([n] * C)
+    H = s * W[labels]
+    b = torch.zeros(C, dtype=torch.float64)
+    obj = theorem_objective_1d(rho, C, n, lambda_W, lambda_H)
+    return UFMGlobalMinimum(W.to(dtype), H.to(dtype), b.to(dtype), labels, obj, rho, s, rho == 0.0)
+
+
+def ufm_optimal_objective(C: int, n: int, lambda_W: float, lambda_H: float) -> float:
+    """The minimum value of the regularised CE UFM objective (Theorem 3.1; independent of d >= C-1 and lambda_b)."""
+    C = check_int("C", C, 2)
+    n = check_int("n", n, 1)
+    lambda_W = check_positive("lambda_W", lambda_W)
+    lambda_H = check_positive("lambda_H", lambda_H)
+    return theorem_objective_1d(_solve_rho(C, n, lambda_W, lambda_H), C, n, lambda_W, lambda_H)
+
+
+# --------------------------------------------------------------------------- landscape: Hessian tools
+class UFMObjective:
+    """f(theta) with theta = [vec(W); vec(H); b] one flat vector (LinearHead UFM), for gradients and
+    Hessian-vector products by double backpropagation."""
+
+    def __init__(self, labels: Tensor, num_classes: int, feature_dim: int, *, loss: str = "ce",
+                 lambda_W: float = 5e-4, lambda_H: float = 5e-4, lambda_b: float = 5e-4, bias: bool = True) -> None:
+        self.labels = torch.as_tensor(labels).long()
+        self.C = check_int("num_classes", num_classes, 2)
+        self.d = check_int("feature_dim", feature_dim, 1)
+        self.N = self.labels.numel()
+        self.loss = check_choice("loss", loss, LOSSES)
+        self.lambdas = (check_nonnegative("lambda_W", lambda_W), check_nonnegative("lambda_H", lambda_H),
+                        check_nonnegative("lambda_b", lambda_b))
+        self.bias = bias
+        self.dim = self.C * self.d + self.N * self.d + (self.C if bias else 0)
+
+    @classmethod
+    def from_config(cls, config: UFMConfig | dict[str, Any]) -> "UFMObjective":
+        cfg = as_config(config)
+        return cls(ufm_labels(cfg.counts()), cfg.num_classes, cfg.feature_dim, loss=cfg.loss,
+                   lambda_W=cfg.lambda_W, lambda_H=cfg.lambda_H, lambda_b=cfg.lambda_b, bias=cfg.bias)
+
+    def pack(self, W: Tensor, H: Tensor, b: Tensor | None = None) -> Tensor:
+        parts = [torch.as_tensor(W, dtype=torch.float64).reshape(-1), torch.as_tensor(H, dtype=torch.float64).reshape(-1)]
+        if self.bias:
+            parts.append(torch.zeros(self.C, dtype=torch.float64) if b is None else torch.as_tensor(b, dtype=torch.float64).reshape(-1))
+        theta = torch.cat(parts)
+        if theta.numel() != self.dim:
+            raise ValueError(f"W, H, b have {theta.numel()} entries; expected {self.dim} (C={self.C}, d={self.d}, N={self.N}).")
+        return theta
+
+    def unpack(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        cd, nd = self.C * self.d, self.N * self.d
+        W = theta[:cd].reshape(self.C, self.d)
+        H = theta[cd:cd + nd].reshape(self.N, self.d)
+        b = theta[cd + nd:] if self.bias else None
+        return W, H, b
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        W, H, b = self.unpack(theta)
+        lw, lh, lb = self.lambdas
+        return ufm_objective(W, H, b, self.labels, loss=self.loss, lambda_W=lw, lambda_H=lh, lambda_b=lb)
+
+    def gradient(self, theta: Tensor) -> Tensor:
+        t = theta.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self(t), t)
+        return g.detach()
+
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """Hessian-vector product nabla^2 f(theta) v by double backpropagation."""
+        t = theta.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self(t), t, create_graph=True)
+        (hv,) = torch.autograd.grad(g @ v.to(g), t)
+        return hv.detach()
+
+
+def lanczos_smallest(hvp: Callable[[Tensor], Tensor], dim: int, *, iterations: int = 60, seed: int = 0,
+                     dtype: torch.dtype = torch.float64) -> tuple[float, Tensor, Tensor]:
+    """Lanczos with full reorthogonalisation on a symmetric operator v -> A v.
+
+    Returns (smallest Ritz value, its unit Ritz vector, all Ritz values ascending). With
+    ``iterations`` >= dim it is exact up to rounding."""
+    dim = check_int("dim", dim, 1)
+    m = min(check_int("iterations", iterations, 1), dim)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=g, dtype=dtype)
+    q = q / q.norm()
+    Q = torch.zeros(m, dim, dtype=dtype)
+    alpha = torch.zeros(m, dtype=dtype)
+    beta = torch.zeros(m, dtype=dtype)
+    k = m
+    for j in range(m):
+        Q[j] = q
+        w = hvp(q).to(dtype)
+        alpha[j] = w @ q
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)  # full reorthogonalisation (twice is enough)
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        bnorm = w.norm()
+        if j + 1 < m:
+            if bnorm < 1e-12 * max(1.0, float(alpha[: j + 1].abs().max())):
+                k = j + 1
+                break
+            beta[j] = bnorm
+            q = w / bnorm
+    T = torch.diag(alpha[:k]) + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
+    evals, evecs = torch.linalg.eigh(T)
+    v = Q[:k].T @ evecs[:, 0]
+    return float(evals[0]), v / v.norm(), evals
+
+
+def power_iteration_smallest(hvp: Callable[[Tensor], Tensor], dim: int, shift: float, *, iterations: int = 500,
+                             seed: int = 0) -> tuple[float, Tensor]:
+    """Smallest eigenvalue by power iteration on (shift I - A), shift >= the largest eigenvalue.
+
+    Slower than :func:`lanczos_smallest`; here as the simple, transparent alternative."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(dim, generator=g, dtype=torch.float64)
+    v = v / v.norm()
+    for _ in range(check_int("iterations", iterations, 1)):
+        w = shift * v - hvp(v)
+        v = w / w.norm()
+    return float(v @ hvp(v)), v
+
+
+@dataclass
+class OriginSaddle:
+    """The critical point W = 0, H = 0, b = 0 of the balanced CE UFM, and its Hessian's least eigenvalue.
+
+    At the origin every logit is 0, so the gradient is (1/N) sum_i (1/C - e_{y_i}) h_i^T = 0 in W,
+    W^T(...) = 0 in H and (1/N) sum_i (1/C - e_{y_i}) + lambda_b b = 0 in b (balanced classes).
+    The second-order part of f is (1/N) sum_i (1/C 1 - e_{y_i})^T W h_i + lambda_W/2||W||^2 +
+    lambda_H/2||H||^2 + (b-terms): the coupling has operator norm gamma = sqrt(n)/N = 1/(C sqrt n)
+    (the centred one-hot matrix has singular value sqrt(n)), so the least Hessian eigenvalue is
+
+        lambda_min = (lambda_W + lambda_H)/2 - sqrt(((lambda_W - lambda_H)/2)^2 + gamma^2),
+
+    negative exactly when C sqrt(n lambda_W lambda_H) < 1, which is also exactly when the global
+    minimum is non-trivial (rho* > 0): then the origin is a strict saddle with f = log C > f*.
+    """
+
+    objective: UFMObjective
+    theta: Tensor
+    value: float
+    gradient_norm: float
+    analytic_min_eigenvalue: float
+
+
+def origin_saddle(C: int, n: int, d: int, lambda_W: float, lambda_H: float, lambda_b: float = 5e-4) -> OriginSaddle:
+    """The origin as a critical point of the balanced CE UFM, with its analytic least Hessian eigenvalue."""
+    C, n, d = check_int("C", C, 2), check_int("n", n, 1), check_int("d", d, 1)
+    obj = UFMObjective(ufm_labels([n] * C), C, d, loss="ce", lambda_W=lambda_W, lambda_H=lambda_H, lambda_b=lambda_b)
+    theta = torch.zeros(obj.dim, dtype=torch.float64)
+    gamma = 1.0 / (C * math.sqrt(n))
+    lam = (lambda_W + lambda_H) / 2 - math.sqrt(((lambda_W - lambda_H) / 2) ** 2 + gamma ** 2)
+    return OriginSaddle(obj, theta, float(obj(theta)), float(obj.gradient(theta).norm()), lam)
+
+
+# --------------------------------------------------------------------------- d < C-1
+def planar_angles(V: Tensor) -> Tensor:
+    """For C vectors in R^2 (rows), the sorted angular gaps between consecutive directions (radians).
+
+    A regular C-gon, what CE features and classifiers form when d = 2 < C-1, has every gap 2 pi / C."""
+    V = torch.as_tensor(V, dtype=torch.float64)
+    if V.ndim != 2 or V.shape[1] != 2:
+        raise ValueError(f"V must be a (C x 2) matrix; got shape {tuple(V.shape)}.")
+    ang = torch.sort(torch.atan2(V[:, 1], V[:, 0])).values
+    gaps = torch.diff(torch.cat([ang, ang[:1] + 2 * math.pi]))
+    return torch.sort(gaps).values
