@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from nc_lib import etf
+
+
+@pytest.mark.parametrize("C,d", [(2, 1), (3, 2), (3, 3), (4, 4), (10, 9), (10, 64)])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_simplex_etf_is_an_etf(C, d, rotate):
+    E = etf.simplex_etf(C, d, rotate=rotate, seed=3)
+    assert E.shape == (C, d)
+    G = E @ E.T
+    expected = torch.full((C, C), -1.0 / (C - 1), dtype=torch.float64)
+    expected.fill_diagonal_(1.0)
+    assert torch.allclose(G, expected, atol=1e-12)
+    assert etf.equinorm(E) < 1e-12
+    assert etf.equiangularity(E) < 1e-12
+    assert etf.maximal_angle(E) < 1e-12
+    assert etf.gram_distance_to_etf(E) < 1e-12
+
+
+def test_formula_of_reference():
+    # sqrt(C/(C-1)) P (I - 11^T/C) with P the canonical embedding: rows are its columns
+    C = 5
+    M = math.sqrt(C / (C - 1)) * (torch.eye(C, dtype=torch.float64) - 1.0 / C)
+    assert torch.allclose(etf.simplex_etf(C), M.T)
+
+
+def test_rotation_is_seeded():
+    a = etf.simplex_etf(4, 7, rotate=True, seed=1)
+    assert torch.equal(a, etf.simplex_etf(4, 7, rotate=True, seed=1))
+    assert not torch.allclose(a, etf.simplex_etf(4, 7, rotate=True, seed=2))
+
+
+def test_gram_target_has_unit_norm():
+    for C in (2, 3, 10):
+        assert abs(float(etf.etf_gram(C).norm()) - 1) < 1e-12
+
+
+def test_checks_on_hand_computed_vectors():
+    V = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]], dtype=torch.float64)
+    norms = torch.tensor([1.0, 2.0, 1.0])
+    assert etf.equinorm(V) == pytest.approx(float(norms.std(correction=0) / norms.mean()))
+    # cosines: (0,1)=0, (0,2)=-1, (1,2)=0 ; each pair counted twice
+    cos = torch.tensor([0.0, -1.0, 0.0])
+    assert etf.equiangularity(V) == pytest.approx(float(cos.std(correction=0)))
+    assert etf.maximal_angle(V) == pytest.approx(float((cos + 0.5).abs().mean()))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(C=1), "at least C=2"), (dict(C=0), "at least C=2"),
+                                          (dict(C=5, d=3), "d >= C-1=4")])
+def test_impossible_etf_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        etf.simplex_etf(**kwargs)

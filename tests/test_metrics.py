@@ -1,0 +1,189 @@
+"""The collapse measurements against closed forms, hand-computed cases and naive references."""
+import pytest
+import torch
+
+from nc_lib import etf, metrics
+
+
+def naive_within_class(H, y, C):
+    """Papyan's definition written out: per-sample loop and a p x p pseudo-inverse."""
+    mu = torch.stack([H[y == c].mean(0) for c in range(C)])
+    mu_G = mu.mean(0)
+    Sw = sum(torch.outer(H[i] - mu[y[i]], H[i] - mu[y[i]]) for i in range(len(y))) / len(y)
+    Sb = (mu - mu_G).T @ (mu - mu_G) / C
+    return float(torch.trace(Sw @ torch.linalg.pinv(Sb))) / C
+
+
+def random_problem(C=4, p=9, counts=(7, 3, 12, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    y = y[torch.randperm(len(y), generator=g)]
+    centres = 3 * torch.randn(C, p, generator=g, dtype=torch.float64)
+    H = centres[y] + torch.randn(len(y), p, generator=g, dtype=torch.float64)
+    W = torch.randn(C, p, generator=g, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    return H, y, W, b
+
+
+def test_exact_etf_with_zero_spread_is_fully_collapsed():
+    C, p, n = 5, 12, 4
+    E = etf.simplex_etf(C, p, rotate=True, seed=0)
+    y = torch.arange(C).repeat(n)
+    H = 2.0 * E[y] + 0.7  # every feature on its mean; means an ETF around a global offset
+    W = 3.0 * E
+    b = -(W @ torch.full((p,), 0.7, dtype=torch.float64))
+    m = metrics.measure_collapse(H, y, C, W, b)
+    for key in ("within_class_variability", "equinorm_means", "equinorm_classifiers", "max_angle_means",
+                "max_angle_classifiers", "equiangularity_means", "self_duality", "classifier_etf_distance",
+                "means_etf_distance", "classifier_means_alignment", "bias_offset_norm", "wh_equinorm",
+                "ncc_mismatch"):
+        assert abs(m[key]) < 1e-10, key
+    assert m["accuracy"] == 1.0
+    # cosine margin of an exact ETF: 1 - (-1/(C-1))
+    assert m["average_cosine_margin"] == pytest.approx(1 + 1 / (C - 1))
+
+
+def test_hand_computed_case():
+    # class 0: (1,1), (3,1) -> mu0 = (2,1); class 1: (-2,-1), (-2,-3) -> mu1 = (-2,-2); mu_G = (0,-0.5)
+    H = torch.tensor([[1.0, 1.0], [3.0, 1.0], [-2.0, -1.0], [-2.0, -3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    W = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    m = metrics.measure_collapse(H, y, 2, W)
+    # Sigma_W = I/2, Sigma_B = v v^T with v = (2, 1.5): Tr(Sigma_W Sigma_B^+) = 0.5/|v|^2 = 0.08, /C = 0.04
+    assert m["within_class_variability"] == pytest.approx(0.04, rel=1e-12)
+    assert m["equinorm_classifiers"] == pytest.approx(1 / 3, rel=1e-12)  # norms 1 and 2
+    assert m["max_angle_classifiers"] == pytest.approx(1.0)  # cos = 0, target -1
+    assert m["equinorm_means"] == pytest.approx(0.0, abs=1e-12)
+    Wn = W / W.norm()
+    Md = torch.tensor([[2.0, 1.5], [-2.0, -1.5]], dtype=torch.float64)
+    assert m["self_duality"] == pytest.approx(float(((Wn - Md / Md.norm()) ** 2).sum()))
+    # logits W h: (1,2)->1, (3,2)->0, (-2,-2)->0 (tie, first), (-2,-6)->0 ; NCC: 0, 0, 1, 1
+    assert m["accuracy"] == pytest.approx(1 / 4)
+    assert m["ncc_mismatch"] == pytest.approx(3 / 4)
+    assert m["ncc_accuracy"] == 1.0
+    assert m["bias_offset_norm"] == pytest.approx(float((W @ torch.tensor([0.0, -0.5], dtype=torch.float64)).norm()))
+
+
+def test_random_features_match_naive_definitions():
+    H, y, W, b = random_problem()
+    C = 4
+    m = metrics.measure_collapse(H, y, C, W, b)
+    assert m["within_class_variability"] == pytest.approx(naive_within_class(H, y, C), rel=1e-10)
+    mu = torch.stack([H[y == c].mean(0) for c in range(C)])
+    pred = (H @ W.T + b).argmax(1)
+    ncc = torch.cdist(H, mu).argmin(1)
+    assert m["ncc_mismatch"] == pytest.approx(float((pred != ncc).double().mean()))
+    assert m["accuracy"] == pytest.approx(float((pred == y).double().mean()))
+    Wc = W - W.mean(0)
+    cos = torch.nn.functional.normalize(H - mu.mean(0), dim=1) @ torch.nn.functional.normalize(Wc, dim=1).T
+    own = cos[torch.arange(len(y)), y]
+    cos[torch.arange(len(y)), y] = -2
+    margins = own - cos.max(1).values
+    assert m["average_cosine_margin"] == pytest.approx(float(margins.mean()), rel=1e-12)
+    assert torch.allclose(metrics.cosine_margins(H, y, W, mu.mean(0)), margins, atol=1e-12)
+    Mdot = mu - mu.mean(0)
+    A = W @ Mdot.T
+    target = (torch.eye(C, dtype=torch.float64) - 1 / C) / (C - 1) ** 0.5
+    assert m["classifier_means_alignment"] == pytest.approx(float((A / A.norm() - target).norm()))
+    G = W @ W.T
+    assert m["classifier_etf_distance"] == pytest.approx(float((G / G.norm() - target).norm()))
+    assert m["bias_offset_norm"] == pytest.approx(float((W @ mu.mean(0) + b).norm()))
+    assert m["wh_equinorm"] == pytest.approx(abs(etf.equinorm(Mdot) - etf.equinorm(W)))
+
+
+def test_papyan_colab_convention_is_C_times_ours():
+    H, y, _, _ = random_problem()
+    C = 4
+    mu = torch.stack([H[y == c].mean(0) for c in range(C)])
+    Sw = (H - mu[y]).T @ (H - mu[y]) / len(y)
+    Sb = (mu - mu.mean(0)).T @ (mu - mu.mean(0)) / C
+    colab = float(torch.trace(Sw @ torch.linalg.pinv(Sb)))  # Papyan's Colab: no /C
+    ours = metrics.measure_collapse(H, y, C)["within_class_variability"]
+    assert colab == pytest.approx(C * ours, rel=1e-10)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 13, 1000])
+def test_streaming_equals_in_memory(batch):
+    H, y, W, b = random_problem(counts=(20, 3, 41, 9), seed=1)
+    H_test, y_test, _, _ = random_problem(counts=(5, 5, 5, 5), seed=2)
+    full = metrics.measure_collapse(H, y, 4, W, b, H_test, y_test)
+    acc = metrics.CollapseAccumulator(4)
+    for s in range(0, len(y), batch):
+        acc.update(H[s:s + batch], y[s:s + batch])
+    streamed = acc.result(W, b)
+    train_pass = acc.sample_pass(W, b)
+    test_pass = acc.sample_pass(W, b)
+    for s in range(0, len(y), batch):
+        train_pass.update(H[s:s + batch], y[s:s + batch])
+    test_pass.update(H_test, y_test)
+    streamed.update(train_pass.result())
+    streamed.update(test_pass.result("_test"))
+    assert set(streamed) == set(full)
+    for k in full:
+        assert streamed[k] == pytest.approx(full[k], rel=1e-10, abs=1e-12), k
+
+
+def test_unbalanced_classes_use_the_mean_of_class_means():
+    H, y, _, _ = random_problem(counts=(50, 2, 9, 3), seed=4)
+    m = metrics.measure_collapse(H, y, 4)
+    assert m["within_class_variability"] == pytest.approx(naive_within_class(H, y, 4), rel=1e-10)
+    means, counts = metrics.class_means(H, y, 4)
+    assert counts.tolist() == [50, 2, 9, 3]
+    sample_mean = metrics.global_mean(means, counts, "samples")
+    assert torch.allclose(sample_mean, H.mean(0))
+    assert not torch.allclose(sample_mean, metrics.global_mean(means, counts))
+
+
+def test_streaming_is_accurate_at_collapse_in_float32():
+    # tiny spread around large means: E[hh^T] - mu mu^T would cancel catastrophically in float32
+    g = torch.Generator().manual_seed(0)
+    C, p, n = 6, 32, 200
+    y = torch.arange(C).repeat(n)
+    means = 100 * torch.randn(C, p, generator=g, dtype=torch.float64) + 500
+    H64 = means[y] + 1e-3 * torch.randn(len(y), p, generator=g, dtype=torch.float64)
+    exact = metrics.measure_collapse(H64, y, C)["within_class_variability"]
+    acc = metrics.CollapseAccumulator(C)
+    H32 = H64.float()
+    for s in range(0, len(y), 64):
+        acc.update(H32[s:s + 64], y[s:s + 64])
+    assert acc.result()["within_class_variability"] == pytest.approx(exact, rel=0.05)
+    assert metrics.measure_collapse(H32, y, C)["within_class_variability"] == pytest.approx(exact, rel=0.05)
+
+
+def test_bad_inputs_name_the_problem():
+    H, y, W, b = random_problem()
+    bad = H.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metrics.measure_collapse(bad, y, 4)
+    bad[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metrics.CollapseAccumulator(4).update(bad, y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=4\)"):
+        metrics.measure_collapse(H, torch.where(y == 0, 4, y), 4)
+    with pytest.raises(ValueError, match=r"labels must lie in"):
+        metrics.measure_collapse(H, y - 1, 4)
+    with pytest.raises(ValueError, match=r"class\(es\) \[4\] have no samples"):
+        metrics.measure_collapse(H, y, 5)
+    acc = metrics.CollapseAccumulator(5)
+    acc.update(H, y)
+    with pytest.raises(ValueError, match="no samples"):
+        acc.result()
+    with pytest.raises(ValueError, match=r"W must have shape \(num_classes, feature_dim\) = \(4, 9\)"):
+        metrics.measure_collapse(H, y, 4, W[:, :5])
+    with pytest.raises(ValueError, match=r"b must have shape \(4,\)"):
+        metrics.measure_collapse(H, y, 4, W, b[:3])
+    with pytest.raises(ValueError, match="length 27"):
+        metrics.measure_collapse(H, y[:-2], 4)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        metrics.measure_collapse(H, y, 1)
+    with pytest.raises(ValueError, match="earlier batches had 9"):
+        acc.update(H[:, :4], y)
+
+
+def test_paper_names_point_at_real_keys():
+    H, y, W, b = random_problem()
+    m = metrics.measure_collapse(H, y, 4, W, b, H, y)
+    for paper, names in metrics.PAPER_NAMES.items():
+        for label, key in names.items():
+            assert key in m, (paper, label)
