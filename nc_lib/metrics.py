@@ -40,6 +40,7 @@ from .validation import check_choice, check_int
 
 MEAN_CONVENTIONS = ("class_means", "samples")
 CHUNK = 8192
+MEAN_CHUNK = 1024
 
 #: Each paper's label for a measurement -> the key of the result dict.
 PAPER_NAMES: dict[str, dict[str, str]] = {
@@ -78,10 +79,15 @@ def _check_features(features: Tensor, name: str = "features") -> Tensor:
         raise ValueError(f"{name} must be a 2-D (N x p) tensor; got shape {tuple(features.shape)}.")
     if not features.is_floating_point():
         features = features.float()
-    if not bool(torch.isfinite(features).all()):
-        bad = int((~torch.isfinite(features)).any(1).sum())
-        raise ValueError(f"{name} contain NaN or Inf values (in {bad} of {features.shape[0]} rows).")
     return features
+
+
+def _raise_if_not_finite(features: Tensor, name: str = "features") -> None:
+    """The NaN/Inf check, done on results (sums, products) that any NaN or Inf would reach: a
+    separate isfinite pass over N x p costs more than the measurements themselves."""
+    bad = int((~torch.isfinite(features)).any(1).sum())
+    if bad:
+        raise ValueError(f"{name} contain NaN or Inf values (in {bad} of {features.shape[0]} rows).")
 
 
 def _check_labels(labels: Tensor, n: int, num_classes: int, name: str = "labels") -> Tensor:
@@ -239,6 +245,8 @@ class SampleAccumulator:
             X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
             Xc = X - self.mu_G.to(X)  # centred on the global mean
             G = (Xc @ self._K.to(X).T).to(torch.float64)  # B x (C or 2C)
+            if not bool(torch.isfinite(G).all()):
+                _raise_if_not_finite(X)
             proj = G[:, :C]  # (h - mu_G) . Mdot_c
             ncc = (self._mdot_sq - 2 * proj).argmin(1)
             self.ncc_correct += int((ncc == y).sum())
@@ -251,7 +259,7 @@ class SampleAccumulator:
                 self.correct += int((pred == y).sum())
                 self.ncc_agree += int((pred == ncc).sum())
                 # cosine with centred rows: (h - mu_G).(w_c - wbar) = raw_c - mean_c raw_c
-                h_norm = Xc.to(torch.float64).norm(dim=1).clamp_min(1e-300)
+                h_norm = Xc.norm(dim=1).to(torch.float64).clamp_min(1e-300)
                 cos = (raw - raw.mean(1, keepdim=True)) / (h_norm[:, None] * self._Wc_norm.clamp_min(1e-300))
                 own = cos.gather(1, y[:, None]).squeeze(1)
                 other = cos.scatter(1, y[:, None], float("-inf")).max(1).values
@@ -284,11 +292,28 @@ class SampleAccumulator:
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Class means (C x p, float64, summed in float64 chunk by chunk) and counts (C,)."""
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
-    for s in range(0, features.shape[0], CHUNK):
-        sums.index_add_(0, labels[s:s + CHUNK], features[s:s + CHUNK].to(torch.float64))
+    for s in range(0, features.shape[0], MEAN_CHUNK):  # small chunks: the float64 copy stays in cache
+        sums.index_add_(0, labels[s:s + MEAN_CHUNK], features[s:s + MEAN_CHUNK].to(torch.float64))
+    if not bool(torch.isfinite(sums).all()):
+        _raise_if_not_finite(features)
     counts = torch.bincount(labels, minlength=num_classes)
     _check_counts(counts)
     return sums / counts[:, None].to(torch.float64), counts
+
+
+def within_class_variability(features: Tensor, labels: Tensor, num_classes: int, *,
+                             mean_convention: str = "class_means") -> float:
+    """Tr(Sigma_W Sigma_B^+)/C (Papyan 2020, Fig. 6; Zhu's and Markou's NC1) from features in memory.
+
+    Papyan's Colab reports C times this value. Computed on the (C-1)-dim between-class subspace:
+    (1/N) sum_i ||S_r^-1 Vh_r (h_i - mu_{y_i})||^2 with Mdot = Uc S Vh, never a p x p pseudo-inverse."""
+    num_classes = check_int("num_classes", num_classes, 2)
+    features = _check_features(features)
+    labels = _check_labels(labels, features.shape[0], num_classes).to(features.device)
+    means, counts = class_means(features, labels, num_classes)
+    acc = SampleAccumulator(means, global_mean(means, counts, mean_convention), within_class=True)
+    acc.update(features, labels)
+    return acc.result()["within_class_variability"]
 
 
 def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tensor | None = None,
@@ -372,6 +397,8 @@ class CollapseAccumulator:
         y = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
         X64 = features.to(torch.float64)
         batch_sums = torch.zeros_like(self.sums).index_add_(0, y, X64)
+        if not bool(torch.isfinite(batch_sums).all()):
+            _raise_if_not_finite(features)
         batch_counts = torch.bincount(y, minlength=self.num_classes)
         new = (batch_counts > 0) & ~self.seen
         if bool(new.any()):

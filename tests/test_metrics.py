@@ -187,3 +187,9 @@ def test_paper_names_point_at_real_keys():
     for paper, names in metrics.PAPER_NAMES.items():
         for label, key in names.items():
             assert key in m, (paper, label)
+
+
+def test_within_class_variability_alone_matches_the_full_set():
+    H, y, W, b = random_problem(seed=7)
+    assert metrics.within_class_variability(H, y, 4) == pytest.approx(
+        metrics.measure_collapse(H, y, 4, W, b)["within_class_variability"], rel=1e-12)
