@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,9 +29,21 @@ FULL_TARGETS = {10: 0.5, 100: 3.0, 1000: 5.0}
 BATCH = 1024
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _features(N: int, p: int, C: int):
@@ -115,13 +126,17 @@ def child(method: str, size: int, repeat: int) -> None:
     H, y, W, b = _features(N, p, C)
     fn = METHODS[method]
     args = (H, y, C, W, b) if method == "ours_full" else (H, y, C)
-    base = _rss_mb()
+    import gc
+
+    gc.collect()
+    _reset_peak()
+    base = _status_mb("VmRSS")
     times, value = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
         value = fn(*args)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     print(json.dumps({"seconds": min(times), "value": value, "extra_mb": max(0.0, peak - base),
                       "threads": torch.get_num_threads()}))
 

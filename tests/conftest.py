@@ -15,3 +15,11 @@ def figures_tmp(tmp_path, monkeypatch):
     path = tmp_path / "figures"
     monkeypatch.setenv("NC_FIGURES_DIR", str(path))
     return path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report on the test item (used to take a screenshot when a browser test fails)."""
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
