@@ -3,7 +3,9 @@
 Every model is a :class:`Classifier`: ``model.body`` maps an input to the penultimate features h
 (B x d, the input of the last linear layer), ``model.head`` is an :class:`nc_lib.heads.Head`
 (default :class:`~nc_lib.heads.LinearHead`; fixed or implicit ETF heads drop in), ``model(x)`` gives
-logits and ``model.features(x)`` gives h. ``model.feature_dim`` is d.
+logits and ``model.features(x)`` gives h. ``model.feature_dim`` is d. Named heads (``head=``):
+``linear``, ``linear_nobias``, ``fixed_etf`` (learned bias), ``fixed_etf_nobias``, ``fixed_etf_centre``,
+``cosine`` and ``implicit_etf`` (Markou 2024, from :mod:`nc_lib.nearest_etf`); more via :func:`register_head`.
 
 Architectures (Papyan, Han & Donoho 2020; Zhu et al. 2021; REFERENCE.md section 3):
 
@@ -49,6 +51,22 @@ HEADS: dict[str, Callable[[int, int], Head]] = {
 }
 
 
+def _cosine_head(d: int, C: int) -> Head:
+    from .nearest_etf import CosineHead  # Markou's "standard" (normalised) classifier
+
+    return CosineHead(d, C)
+
+
+def _implicit_etf_head(d: int, C: int) -> Head:
+    from .nearest_etf import ImplicitETFHead  # Markou's implicit ETF classifier
+
+    return ImplicitETFHead(d, C)
+
+
+HEADS["cosine"] = _cosine_head
+HEADS["implicit_etf"] = _implicit_etf_head
+
+
 def register_head(name: str, factory: Callable[[int, int], Head]) -> None:
     """Make ``build_model(..., head=name)`` build ``factory(feature_dim, num_classes)``."""
     HEADS[name] = factory
@@ -59,11 +77,6 @@ def make_head(head: HeadSpec, feature_dim: int, num_classes: int) -> Head:
     if head is None:
         return LinearHead(feature_dim, num_classes)
     if isinstance(head, str):
-        if head not in HEADS and head == "implicit_etf":
-            try:  # Markou's implicit ETF head registers itself when its module is imported
-                from . import nearest_etf  # noqa: F401
-            except ImportError:
-                pass
         check_choice("head", head, sorted(HEADS))
         h = HEADS[head](feature_dim, num_classes)
     elif isinstance(head, Head):
@@ -98,8 +111,13 @@ class Classifier(nn.Module):
         """Penultimate features h (the head's input), B x d."""
         return self.body(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits. Heads that need the labels in training (``head.needs_labels``, e.g. Markou's
+        implicit ETF head) get them when given."""
+        h = self.body(x)
+        if labels is not None and getattr(self.head, "needs_labels", False):
+            return self.head(h, labels)
+        return self.head(h)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -40,11 +40,12 @@ Dimension. U (d x C) needs C orthonormal columns, so every function here raises 
 d < C (for d = C-1 a simplex ETF exists, but not in this parametrisation: use
 :func:`nc_lib.etf.simplex_etf` or a larger feature dimension).
 
-Precision and cost. The solvers run in float64 whatever the input dtype; the backward runs in the
-input dtype. The closed form uses by default the eigendecomposition of the C x C Gram Z^T Z
+Precision and cost. Forward and backward compute in float64 whatever the input dtype and return
+the input dtype. The closed form uses by default the eigendecomposition of the C x C Gram Z^T Z
 (``U = Z B S^-1 B^T``) plus one Newton-Schulz step, which matches LAPACK's thin SVD to ~1e-14 in
 float64 at a fraction of its cost (``polar_method="svd"`` selects the SVD). Forward + backward
-cost four plus three d x C x C matrix products and one C x C eigendecomposition.
+cost four plus three d x C x C matrix products and one C x C eigendecomposition; small problems
+run that algebra on NumPy (lower per-call overhead), larger ones on torch.
 """
 from __future__ import annotations
 
@@ -120,37 +121,48 @@ def _procrustes_target(Hbar: Tensor, U_prox: Tensor | None, delta: float) -> Ten
 
 # --------------------------------------------------------------------------- closed form
 class _Backend:
-    """The few operations the C x C algebra needs, for NumPy arrays or torch float64 tensors.
+    """The operations of the node's float64 algebra, on NumPy arrays or on torch tensors.
 
-    Below ``NUMPY_MAX_C`` classes the C x C work runs on NumPy: per call it costs about a
-    microsecond instead of torch's several, which dominates the node's cost at small C."""
+    Small problems (d C^2 <= ``NUMPY_MAX_WORK``, CPU) run on NumPy, whose per-call overhead is
+    about a microsecond against torch's several: at C = 10 the node's cost is otherwise dominated by
+    dispatch, not arithmetic. Below that size NumPy's BLAS stays single-threaded. Larger problems
+    run on torch (threaded products)."""
 
-    def __init__(self, use_numpy: bool) -> None:
+    def __init__(self, use_numpy: bool, device: torch.device | None = None) -> None:
         self.numpy = use_numpy
+        self.device = device
 
     def eigh(self, G):
         return np.linalg.eigh(G) if self.numpy else torch.linalg.eigh(G)
 
     def eye(self, C: int):
-        return np.eye(C) if self.numpy else torch.eye(C, dtype=torch.float64)
+        return np.eye(C) if self.numpy else torch.eye(C, dtype=torch.float64, device=self.device)
 
     def mt(self, C: int):
-        return _mt_numpy(C) if self.numpy else _mt_cached(C, torch.float64)
+        return _mt_numpy(C) if self.numpy else _mt_cached(C, torch.float64).to(self.device)
+
+    def centering(self, C: int):
+        return _centering_numpy(C) if self.numpy else _centering_cached(C, torch.float64).to(self.device)
 
     def from_torch(self, t: Tensor):
-        return t.detach().to(torch.float64).numpy() if self.numpy else t.detach().to(torch.float64)
+        """float64 array (NumPy) or tensor (torch) holding ``t`` (a copy only where needed)."""
+        t = t.detach().to(torch.float64)
+        return t.numpy() if self.numpy else t
 
     def to_torch(self, a, dtype: torch.dtype) -> Tensor:
+        """A new torch tensor of ``dtype`` (never sharing memory with ``a``)."""
         if self.numpy:
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if dtype == torch.float32 else np.float64)).to(dtype)
-        return a.to(dtype)
+            return torch.from_numpy(a.astype(np.float32 if dtype == torch.float32 else np.float64))
+        return a.to(dtype, copy=True)
 
 
-NUMPY_MAX_C = 64
+NUMPY_MAX_WORK = 2**18
 
 
 def _backend_for(t: Tensor) -> _Backend:
-    return _Backend(t.device.type == "cpu" and t.shape[-1] <= NUMPY_MAX_C)
+    d, C = t.shape[-2], t.shape[-1]
+    return _Backend(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+                    and d * C * C <= NUMPY_MAX_WORK, t.device)
 
 
 def _gram_kernel(G, C: int, bk: _Backend):
@@ -164,18 +176,25 @@ def _gram_kernel(G, C: int, bk: _Backend):
     return (B / S[None, :]) @ B.T, S, B
 
 
-def _newton_schulz(U0: Tensor) -> Tensor:
+def _eye_like(X):
+    if isinstance(X, np.ndarray):
+        return np.eye(X.shape[0])
+    return torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
+
+
+def _newton_schulz(U0):
     """One Newton-Schulz step towards orthonormal columns: ``U = U0 (3I - U0^T U0)/2``.
 
     After the Gram route, U0 = Z N has lost orthogonality in proportion to eps cond(Z)^2 (the
     rounding of Z^T Z); this step removes that error, which is most of it: in float64 the result
     agrees with the SVD's polar factor to ~1e-14."""
-    return torch.addmm(U0, U0, U0.mT @ U0, beta=1.5, alpha=-0.5)
+    X = U0.T @ U0
+    return U0 @ (1.5 * _eye_like(X) - 0.5 * X)
 
 
 def _polar_gram(Z: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """Polar factor by the Gram route (see :func:`_gram_kernel`, :func:`_newton_schulz`): ``(U, S, B)`` or None."""
-    out = _gram_kernel(Z.mT @ Z, Z.shape[1], _Backend(False))
+    out = _gram_kernel(Z.mT @ Z, Z.shape[1], _Backend(False, Z.device))
     if out is None:
         return None
     N, S, B = out
@@ -219,6 +238,11 @@ def _mt_cached(C: int, dtype: torch.dtype) -> Tensor:
 @functools.lru_cache(maxsize=32)
 def _mt_numpy(C: int) -> np.ndarray:
     return etf_gram_target(C, torch.float64).numpy()
+
+
+@functools.lru_cache(maxsize=32)
+def _centering_numpy(C: int) -> np.ndarray:
+    return np.eye(C) - np.full((C, C), 1.0 / C)
 
 
 @functools.lru_cache(maxsize=32)
@@ -400,90 +424,78 @@ class NearestETFFunction(torch.autograd.Function):
     """Autograd node ``(Hbar, U_prox) -> U*`` (forward: closed form or Riemannian; backward: the
     polar-factor formula of :func:`polar_backward`, dL/dHbar = dL/dZ Mt, dL/dU_prox = (delta/2) dL/dZ).
 
-    Use through :func:`nearest_etf_node`. Outputs ``(U, iterations)``; iterations is an int64
-    scalar tensor without gradient. The forward solves in float64; the backward's d x C products
-    run in the input dtype, its C x C algebra in float64 (NumPy below ``NUMPY_MAX_C`` classes).
+    Use through :func:`nearest_etf_node`. Outputs U; the iteration count goes into the ``info``
+    dict. Both passes compute in float64 (NumPy for small problems, torch otherwise).
     Fused form of the backward (A = U B, T = U^T G, What = B^T T B, N = B S^-1 B^T):
 
         Y = [(What - What^T)_ij/(s_i + s_j)] - What S^-1,   dL/dZ = U (B Y B^T) + G N,
-        dL/dHbar = U (B Y (B^T Mt)) + G (N Mt):   three d x C x C products (T and two in one addmm).
+        dL/dHbar = U (B Y (B^T Mt)) + G (N Mt):   three d x C x C products.
     """
 
     @staticmethod
     def forward(ctx, Hbar: Tensor, U_prox: Tensor, delta: float, solver: str, U_init: Tensor | None,
-                max_iter: int, tol: float | None, polar_method: str) -> tuple[Tensor, Tensor]:
+                max_iter: int, tol: float | None, polar_method: str, info: dict) -> Tensor:
         dt = Hbar.dtype
         C = Hbar.shape[1]
         r = math.sqrt(C - 1)
-        # Zs = sqrt(C-1) Z = Hbar (I - 11^T/C) + (delta/2) sqrt(C-1) U_prox: same polar factor, S scaled
-        cent = _centering_cached(C, dt).to(Hbar.device)
-        if delta > 0:
-            Zs = torch.addmm(U_prox, Hbar, cent, beta=0.5 * delta * r)
-        else:
-            Zs = Hbar @ cent
-        Z64 = Zs.to(torch.float64)
         bk = _backend_for(Hbar)
+        H = bk.from_torch(Hbar)
+        # Zs = sqrt(C-1) Z = Hbar (I - 11^T/C) + (delta/2) sqrt(C-1) U_prox: same polar factor, S scaled
+        Zs = H @ bk.centering(C)
+        if delta > 0:
+            Zs = Zs + (0.5 * delta * r) * bk.from_torch(U_prox)
         it = 0
-        U64 = None
+        out = None
         if solver == "closed":
-            out = None
             if _auto_polar_method(dt, polar_method) == "gram":
-                out = _gram_kernel(bk.from_torch(Z64.mT @ Z64), C, bk)
+                out = _gram_kernel(Zs.T @ Zs, C, bk)
             if out is not None:
                 N, S, B = out
-                U64 = _newton_schulz(Z64 @ bk.to_torch(N, torch.float64).to(Z64.device))
+                U = _newton_schulz(Zs @ N)
             else:
-                A, S_t, Bh = torch.linalg.svd(Z64, full_matrices=False)
-                U64 = A @ Bh
-                S, B = bk.from_torch(S_t), bk.from_torch(Bh.mT)
+                A, S_t, Bh = torch.linalg.svd(torch.as_tensor(Zs, device=Hbar.device), full_matrices=False)
+                U, S, B = bk.from_torch(A @ Bh), bk.from_torch(S_t), bk.from_torch(Bh.mT)
         else:
+            Z64 = torch.as_tensor(Zs, device=Hbar.device)
             start = U_init if U_init is not None else U_prox
-            U64, it = riemannian_polar(Z64 / r, start.to(torch.float64), max_iter=max_iter, tol=tol)
+            U_t, it = riemannian_polar(Z64 / r, start.to(torch.float64), max_iter=max_iter, tol=tol)
             # at the optimum U^T Z = B S B^T is symmetric positive definite: S, B without an SVD
-            S_t, B_t = torch.linalg.eigh(_sym(U64.mT @ Z64))
-            S, B = bk.from_torch(S_t), bk.from_torch(B_t)
+            S_t, B_t = torch.linalg.eigh(_sym(U_t.mT @ Z64))
+            U, S, B = bk.from_torch(U_t), bk.from_torch(S_t), bk.from_torch(B_t)
         S = S / r  # singular values of Z (S above are those of Zs)
-        smin, smax = float(S.min()), float(abs(S).max())
-        ctx.full_rank = smin > C * 2.220446049250313e-16 * smax
-        U = U64.to(dt)
-        ctx.save_for_backward(U)
-        ctx.bk, ctx.delta = bk, delta
-        if ctx.full_rank:
+        ctx.full_rank = float(S.min()) > C * 2.220446049250313e-16 * float(abs(S).max())
+        ctx.bk, ctx.delta, ctx.dtype = bk, delta, dt
+        if ctx.full_rank and any(ctx.needs_input_grad[:2]):
             Mt = bk.mt(C)
             N = (B / S[None, :]) @ B.T
-            ctx.B, ctx.S = B, S
+            ctx.U, ctx.B, ctx.S = U, B, S
             ctx.den = S[:, None] + S[None, :]
-            ctx.BtMt = B.T @ Mt
-            ctx.NMt = bk.to_torch(N @ Mt, dt).to(Hbar.device)
-            ctx.N = bk.to_torch(N, dt).to(Hbar.device) if ctx.needs_input_grad[1] else None
-        iters = torch.tensor(it, dtype=torch.long)
-        ctx.mark_non_differentiable(iters)
-        return U, iters
+            ctx.BtMt, ctx.NMt, ctx.N = B.T @ Mt, N @ Mt, N
+        info["iterations"] = it
+        return bk.to_torch(U, dt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_U: Tensor, grad_iters: Tensor | None):
+    def backward(ctx, grad_U: Tensor):
         need_h, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_U is None or not (need_h or need_p):
-            return (None,) * 8
+            return (None,) * 9
         if not ctx.full_rank:
             raise ValueError(
                 "The nearest-ETF node has no derivative when Z = Hbar Mt + (delta/2) U_prox is rank "
                 "deficient (delta = 0 or no proximal term): use delta > 0 with U_prox (REFERENCE Sec. 4)."
             )
-        (U,) = ctx.saved_tensors
-        bk, B, S = ctx.bk, ctx.B, ctx.S
-        G = grad_U.to(U.dtype)
-        T = bk.from_torch(U.mT @ G)
-        What = B.T @ T @ B
+        bk, U, B, S = ctx.bk, ctx.U, ctx.B, ctx.S
+        G = bk.from_torch(grad_U)
+        What = B.T @ (U.T @ G) @ B
         Y = (What - What.T) / ctx.den - What / S[None, :]
         BY = B @ Y
         gH = gP = None
         if need_h:
-            gH = torch.addmm(G @ ctx.NMt, U, bk.to_torch(BY @ ctx.BtMt, U.dtype).to(U.device))
+            gH = bk.to_torch(G @ ctx.NMt + U @ (BY @ ctx.BtMt), ctx.dtype)
         if need_p:
-            gP = torch.addmm(G @ ctx.N, U, bk.to_torch(BY @ B.T, U.dtype).to(U.device)).mul_(0.5 * ctx.delta)
-        return gH, gP, None, None, None, None, None, None
+            gP = bk.to_torch((0.5 * ctx.delta) * (G @ ctx.N + U @ (BY @ B.T)), ctx.dtype)
+        return gH, gP, None, None, None, None, None, None, None
 
 
 def nearest_etf_node(Hbar: Tensor, U_prox: Tensor, delta: float = DEFAULT_DELTA, *, solver: str = "closed",
@@ -505,8 +517,9 @@ def nearest_etf_node(Hbar: Tensor, U_prox: Tensor, delta: float = DEFAULT_DELTA,
     check_choice("polar_method", polar_method, POLAR_METHODS)
     delta = check_nonnegative("delta", delta)
     max_iter = check_int("max_iter", max_iter, 0)
-    U, iters = NearestETFFunction.apply(Hbar, U_prox, delta, solver, U_init, max_iter, tol, polar_method)
-    return U, int(iters)
+    info: dict = {}
+    U = NearestETFFunction.apply(Hbar, U_prox, delta, solver, U_init, max_iter, tol, polar_method, info)
+    return U, info["iterations"]
 
 
 # --------------------------------------------------------------------------- dense KKT reference

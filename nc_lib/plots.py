@@ -250,7 +250,7 @@ def collapse_animation(history: Any, *, max_frames: int = 60, show_features: boo
                        frame_duration: int = 120, height: int = 620, width: int = 1150) -> go.Figure:
     """Animated collapse from a run's snapshots (a :class:`~nc_lib.ufm.UFMHistory` or a list of snapshot dicts).
 
-    Each frame shows, in a fixed basis (2-D for C = 3, else 3-D: the top principal directions of
+    Each frame shows, in a fixed basis (2-D for C = 3 or d = 2, else 3-D: the top principal directions of
     the final centred class means), the centred features (h - mu_G) and class means (mu_c - mu_G),
     both divided by the frame's mean class-mean norm, and the classifier rows w_c divided by their
     mean norm, so both converge onto the unit simplex ETF, drawn as its edges (the ETF nearest the
@@ -266,7 +266,7 @@ def collapse_animation(history: Any, *, max_frames: int = 60, show_features: boo
     final = snaps[-1]
     S, d = _f64(final["means"]).shape
     C = int(final.get("num_classes", S))
-    dims = 2 if C <= 3 else 3
+    dims = 2 if C <= 3 or d <= 2 else 3
     Mf = _f64(final["means"]) - _f64(final["global_mean"])
     basis = projection_basis(Mf, dims)
     target = nearest_etf_rows(Mf / Mf.norm(dim=1, keepdim=True).clamp_min(1e-300), C)
@@ -318,7 +318,7 @@ def collapse_animation(history: Any, *, max_frames: int = 60, show_features: boo
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38],
                         specs=[[{"type": "scene" if three_d else "xy"}, {"type": "heatmap"}]],
                         subplot_titles=(
-                            "features, class means, classifier rows" + (f" (3-D view of {C - 1}-dim space)" if C > 4 else ""),
+                            "features, class means, classifier rows" + (f" (3-D view of {C - 1}-dim space)" if C > 4 and d > 2 else ""),
                             f"cosines of centred class means (ETF: {-1 / (C - 1):.3f} off-diagonal)"))
     static = 0
     if target is not None:

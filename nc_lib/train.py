@@ -28,7 +28,9 @@ per-sample measurements on the training set (NCC mismatch, cosine margin).
 
 Loss: cross-entropy + ``feature_decay``/2 * mean_i ||h_i||^2 on the *raw* penultimate features
 (Zhu et al. 2021's lambda_H; their code penalised normalised features, whose gradient is zero) +
-weight decay through the optimiser (added to the loss for LBFGS).
+weight decay through the optimiser (added to the loss for LBFGS). Heads with ``needs_labels``
+(Markou's implicit ETF head) are called as ``head(h, y)`` in training; heads with
+``renormalise_after_step`` (Markou's cosine head) get ``head.renormalise_()`` after every step.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import dataset_info, load_train_test, make_loader, set_loader_epoch, without_augmentation
+from .data import DATASETS, dataset_info, load_train_test, make_loader, set_loader_epoch, without_augmentation
 from .metrics import CollapseAccumulator
-from .models import Classifier, build_model
+from .models import MODELS, Classifier, build_model
 from .paths import runs_dir
 from .validation import check_choice, check_int, check_nonnegative, check_positive
 
@@ -117,6 +119,8 @@ class TrainConfig:
     keep_all_checkpoints: bool = False
 
     def __post_init__(self) -> None:
+        self.dataset = check_choice("dataset", str(self.dataset).lower(), DATASETS)
+        self.model = check_choice("model", str(self.model).lower(), MODELS)
         self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
         self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
         self.device = check_choice("device", self.device, DEVICES)
@@ -256,13 +260,18 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def environment_record(device: torch.device) -> dict[str, Any]:
     """Versions, device and machine of a run (``env.json``)."""
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
+    try:  # the installed version, without importing torchvision
+        tv = version("torchvision")
+    except PackageNotFoundError:
+        tv = None
+
     rec: dict[str, Any] = {
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "numpy": np.__version__, "nc_lib": __version__,
+        "torchvision": tv, "numpy": np.__version__, "nc_lib": __version__,
         "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -429,17 +438,20 @@ def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | N
     acc = CollapseAccumulator(num_classes)
     out: dict[str, float] = {}
     with FeatureTap(model) as tap:
-        loss_sum, correct, n = 0.0, 0, 0
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        correct_acc = torch.zeros((), dtype=torch.long, device=device)
+        n = 0
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, amp):
                 logits = model(x)
             logits = logits.float()
-            loss_sum += float(ce(logits, y))
-            correct += int((logits.argmax(1) == y).sum())
+            loss_acc += ce(logits, y).double()
+            correct_acc += (logits.argmax(1) == y).sum()
             n += len(y)
             acc.update(tap.features.float(), y)
-        out["train_loss"] = loss_sum / n
+        correct = int(correct_acc)
+        out["train_loss"] = float(loss_acc) / n
         out["train_accuracy"] = correct / n
         out["train_error"] = 1.0 - correct / n
         W, b = model.head.classifier()
@@ -456,15 +468,16 @@ def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | N
             out.update(sp.result())
         if test_loader is not None:
             sp = acc.sample_pass(W, b)
-            loss_sum, n = 0.0, 0
+            loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+            n = 0
             for x, y in test_loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(device, amp):
                     logits = model(x)
-                loss_sum += float(ce(logits.float(), y))
+                loss_acc += ce(logits.float(), y).double()
                 n += len(y)
                 sp.update(tap.features.float(), y)
-            out["test_loss"] = loss_sum / n
+            out["test_loss"] = float(loss_acc) / n
             out.update(sp.result("_test"))
             out["test_accuracy"] = out["accuracy_test"]
             out["test_error"] = 1.0 - out["accuracy_test"]
@@ -556,7 +569,9 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     timings = _read_jsonl(path / "timings.jsonl")
     ckpt = _last_checkpoint(path)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        # on the CPU first: RNG states must stay CPU byte tensors; weights and optimiser state are
+        # copied to the model's device by load_state_dict
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -569,7 +584,13 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
 
     measure_at = set(config.measurement_epochs())
     ce = nn.CrossEntropyLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
+    body_params = [p for p in model.body.parameters() if p.requires_grad]
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    # Markou's heads: the implicit ETF head reads the labels in training; the cosine head
+    # renormalises its rows after every optimiser step
+    needs_labels = bool(getattr(model.head, "needs_labels", False))
+    renormalise = bool(getattr(model.head, "renormalise_after_step", False))
     use_amp = config.amp and device.type == "cuda" and config.optimizer != "lbfgs"
 
     bar = None
@@ -586,19 +607,24 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
         t0 = time.perf_counter()
         model.train()
         set_loader_epoch(train_loader, epoch)
-        loss_sum, correct, n = 0.0, 0, 0
+        # running sums stay on the device: no host synchronisation per step
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        correct_acc = torch.zeros((), dtype=torch.long, device=device)
+        n = 0
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if config.optimizer == "lbfgs":
                 def closure() -> Tensor:
                     opt.zero_grad(set_to_none=True)
                     h = model.body(x)
-                    out = model.head(h)
+                    out = model.head(h, y) if needs_labels else model.head(h)
                     loss = ce(out, y)
                     if config.feature_decay > 0:
                         loss = loss + 0.5 * config.feature_decay * h.pow(2).sum(1).mean()
                     if config.weight_decay > 0:
-                        loss = loss + 0.5 * config.weight_decay * sum(p.pow(2).sum() for p in params)
+                        loss = loss + 0.5 * config.weight_decay * sum(p.pow(2).sum() for p in body_params)
+                    if head_wd > 0 and head_params:
+                        loss = loss + 0.5 * head_wd * sum(p.pow(2).sum() for p in head_params)
                     loss.backward()
                     closure.logits = out.detach()  # type: ignore[attr-defined]
                     return loss
@@ -608,15 +634,19 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
                 opt.zero_grad(set_to_none=True)
                 with _autocast(device, use_amp):
                     h = model.body(x)
-                    logits = model.head(h)
+                    logits = model.head(h, y) if needs_labels else model.head(h)
                     loss = ce(logits.float(), y)
                     if config.feature_decay > 0:
                         loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
                 loss.backward()
                 opt.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            if renormalise:
+                with torch.no_grad():
+                    model.head.renormalise_()
+            loss_acc += loss.detach().double() * len(y)
+            correct_acc += (logits.detach().argmax(1) == y).sum()
             n += len(y)
+        loss_sum, correct = float(loss_acc), int(correct_acc)
         lr_used = opt.param_groups[0]["lr"]
         sched.step()
         if device.type == "cuda":

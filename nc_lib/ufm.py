@@ -369,7 +369,7 @@ class UFMHistory:
             "config": self.config.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "records": self.records,
             "snapshots": self.snapshots, "elapsed": self.elapsed, "rng": self.rng.get_state(),
-            "perm": self.perm, "perm_pos": self.perm_pos,
+            "perm": self.perm, "perm_pos": self.perm_pos, "fast_path": self.fast_path,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -384,7 +384,7 @@ class UFMHistory:
     @classmethod
     def load(cls, path: str | Path) -> "UFMHistory":
         state = torch.load(Path(path), weights_only=False)
-        hist = cls(state["config"])
+        hist = cls(state["config"], fast_path=state.get("fast_path", True))
         hist.model.load_state_dict(state["model"])
         hist.optimizer.load_state_dict(state["optimizer"])
         hist.step, hist.records, hist.snapshots = state["step"], state["records"], state["snapshots"]
@@ -868,10 +868,13 @@ class OriginSaddle:
     lambda_H/2||H||^2 + (b-terms): the coupling has operator norm gamma = sqrt(n)/N = 1/(C sqrt n)
     (the centred one-hot matrix has singular value sqrt(n)), so the least Hessian eigenvalue is
 
-        lambda_min = (lambda_W + lambda_H)/2 - sqrt(((lambda_W - lambda_H)/2)^2 + gamma^2),
+        lambda_WH = (lambda_W + lambda_H)/2 - sqrt(((lambda_W - lambda_H)/2)^2 + gamma^2)
 
-    negative exactly when C sqrt(n lambda_W lambda_H) < 1, which is also exactly when the global
-    minimum is non-trivial (rho* > 0): then the origin is a strict saddle with f = log C > f*.
+    on the (W, H) block, negative exactly when C sqrt(n lambda_W lambda_H) < 1, which is also
+    exactly when the global minimum is non-trivial (rho* > 0): then the origin is a strict saddle
+    with f = log C > f*. The b block, (I - 11^T/C)/C + lambda_b I, has eigenvalues lambda_b and
+    1/C + lambda_b and no coupling to (W, H) at the origin, so the least Hessian eigenvalue is
+    ``analytic_min_eigenvalue`` = min(lambda_WH, lambda_b).
     """
 
     objective: UFMObjective
@@ -879,6 +882,7 @@ class OriginSaddle:
     value: float
     gradient_norm: float
     analytic_min_eigenvalue: float
+    wh_block_min_eigenvalue: float
 
 
 def origin_saddle(C: int, n: int, d: int, lambda_W: float, lambda_H: float, lambda_b: float = 5e-4) -> OriginSaddle:
@@ -888,14 +892,16 @@ def origin_saddle(C: int, n: int, d: int, lambda_W: float, lambda_H: float, lamb
     theta = torch.zeros(obj.dim, dtype=torch.float64)
     gamma = 1.0 / (C * math.sqrt(n))
     lam = (lambda_W + lambda_H) / 2 - math.sqrt(((lambda_W - lambda_H) / 2) ** 2 + gamma ** 2)
-    return OriginSaddle(obj, theta, float(obj(theta)), float(obj.gradient(theta).norm()), lam)
+    return OriginSaddle(obj, theta, float(obj(theta)), float(obj.gradient(theta).norm()), min(lam, lambda_b), lam)
 
 
 # --------------------------------------------------------------------------- d < C-1
 def planar_angles(V: Tensor) -> Tensor:
     """For C vectors in R^2 (rows), the sorted angular gaps between consecutive directions (radians).
 
-    A regular C-gon, what CE features and classifiers form when d = 2 < C-1, has every gap 2 pi / C."""
+    A regular C-gon has every gap 2 pi / C: with d = 2 < C-1 the CE UFM's classifier rows form one for
+    C = 5 (lambdas 1e-3, n = 10); for C = 6 the minimiser instead parks one class at the origin (W row 0,
+    features 0, recognised through its bias) and puts the other five on a regular pentagon (notebook 02)."""
     V = torch.as_tensor(V, dtype=torch.float64)
     if V.ndim != 2 or V.shape[1] != 2:
         raise ValueError(f"V must be a (C x 2) matrix; got shape {tuple(V.shape)}.")

@@ -155,6 +155,15 @@ def test_missing_dataset_without_download_keeps_user_folder(tmp_path):
     assert user.exists() and list(user.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", data.TORCHVISION_DATASETS)
+def test_every_downloadable_dataset_explains_where_to_put_it(name, tmp_path):
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset(name, split="train", download=False)
+    msg = str(info.value)
+    assert repr(name) in msg and str(tmp_path / "data" / name) in msg and "place" in msg
+    assert not (tmp_path / "data").exists()
+
+
 def test_imagenet_needs_a_folder(tmp_path):
     with pytest.raises(DatasetUnavailableError, match="ImageFolder"):
         load_dataset("imagenet", split="train", root=tmp_path / "nowhere")

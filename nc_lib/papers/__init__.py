@@ -1,0 +1,1 @@
+"""Reproductions of the three papers: experiment grids per scale and figure/table builders."""

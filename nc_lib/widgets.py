@@ -1,0 +1,167 @@
+"""Classroom widgets: the UFM explorer.
+
+:class:`UFMExplorer` lets a student choose C, d, n, the loss, the optimiser, the learning rate,
+the three weight decays and the number of steps, press **Train**, watch the objective and the
+collapse metrics update live, and then play the collapse animation. Invalid combinations (for
+example a fixed ETF head with d < C, or a learning rate that makes training diverge) produce a
+clear message in the widget instead of a stack trace.
+
+Headless (tests, papermill), ``UFMExplorer().run()`` trains once at the current values and
+returns the figures; :func:`ufm_explorer` builds one, displays it and, by default, runs it once.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import plotly.graph_objects as go
+
+from . import ufm
+from .plots import collapse_animation, live_metrics_figure, plot_metric_curves, update_live_figure
+
+#: Keys plotted live and in the final curves.
+EXPLORER_KEYS = ("objective", "accuracy", "within_class_variability", "classifier_etf_distance",
+                 "classifier_means_alignment", "bias_offset_norm")
+
+
+class UFMExplorer:
+    """An ipywidgets UFM explorer. ``widget`` is the box to display; ``button`` the Train button.
+
+    After a run: ``history`` (the :class:`~nc_lib.ufm.UFMHistory`), ``figures`` (dict with
+    ``"metrics"`` and ``"animation"``), ``message`` (the HTML status line's text), ``error``
+    (the last error message or None).
+    """
+
+    def __init__(self, *, C: int = 4, d: int = 16, n: int = 20, loss: str = "ce", optimizer: str = "gd",
+                 lr: float | None = None, lambda_W: float = 5e-4, lambda_H: float = 5e-4, lambda_b: float = 5e-4,
+                 steps: int = 600, measure_every: int = 10, head: str = "linear", seed: int = 0,
+                 live: bool = True) -> None:
+        import ipywidgets as W
+
+        style = {"description_width": "90px"}
+        lay = W.Layout(width="210px")
+        self.C = W.BoundedIntText(value=C, min=2, max=1000, description="classes C", style=style, layout=lay)
+        self.d = W.BoundedIntText(value=d, min=1, max=4096, description="dim d", style=style, layout=lay)
+        self.n = W.BoundedIntText(value=n, min=1, max=5000, description="n per class", style=style, layout=lay)
+        self.loss = W.Dropdown(options=list(ufm.LOSSES), value=loss, description="loss", style=style, layout=lay)
+        self.optimizer = W.Dropdown(options=list(ufm.OPTIMIZERS), value=optimizer, description="optimiser",
+                                    style=style, layout=lay)
+        self.head = W.Dropdown(options=list(ufm.HEADS), value=head, description="classifier", style=style, layout=lay)
+        self.lr = W.FloatText(value=0.0 if lr is None else lr, description="lr (0=auto)", style=style, layout=lay)
+        self.lambda_W = W.FloatText(value=lambda_W, description="λ_W", style=style, layout=lay)
+        self.lambda_H = W.FloatText(value=lambda_H, description="λ_H", style=style, layout=lay)
+        self.lambda_b = W.FloatText(value=lambda_b, description="λ_b", style=style, layout=lay)
+        self.steps = W.BoundedIntText(value=steps, min=1, max=100000, description="steps", style=style, layout=lay)
+        self.measure_every = W.BoundedIntText(value=measure_every, min=1, max=10000, description="measure every",
+                                              style=style, layout=lay)
+        self.seed = W.BoundedIntText(value=seed, min=0, max=10 ** 6, description="seed", style=style, layout=lay)
+        self.button = W.Button(description="Train", button_style="primary", icon="play")
+        self.status = W.HTML(value="Choose the settings and press <b>Train</b>.")
+        self.live_output = W.Output()
+        self.animation_output = W.Output()
+        self.live = live
+        self.button.on_click(self._on_click)
+        grid = W.GridBox([self.C, self.d, self.n, self.seed, self.loss, self.optimizer, self.head, self.lr,
+                          self.lambda_W, self.lambda_H, self.lambda_b, self.steps, self.measure_every],
+                         layout=W.Layout(grid_template_columns="repeat(4, 230px)"))
+        self.widget = W.VBox([grid, W.HBox([self.button, self.status]), self.live_output, self.animation_output])
+        self.history: ufm.UFMHistory | None = None
+        self.figures: dict[str, go.Figure] = {}
+        self.error: str | None = None
+        self.live_figure: Any = None
+        self.runs = 0
+
+    # ---- state
+    def config(self) -> ufm.UFMConfig:
+        """The UFMConfig of the current widget values (validated: raises ValueError)."""
+        return ufm.as_config(ufm.UFMConfig(
+            num_classes=self.C.value, feature_dim=self.d.value, n_per_class=self.n.value, loss=self.loss.value,
+            optimizer=self.optimizer.value, lr=None if not self.lr.value else self.lr.value,
+            lambda_W=self.lambda_W.value, lambda_H=self.lambda_H.value, lambda_b=self.lambda_b.value,
+            head=self.head.value, seed=self.seed.value))
+
+    @property
+    def message(self) -> str:
+        return self.status.value
+
+    def _say(self, text: str, kind: str = "info") -> None:
+        colour = {"info": "#333", "error": "#b00020", "ok": "#1b5e20"}[kind]
+        self.status.value = f'<span style="color:{colour}">{text}</span>'
+
+    # ---- actions
+    def _on_click(self, _button: Any = None) -> None:
+        self.run()
+
+    def run(self) -> dict[str, go.Figure]:
+        """Train at the current values; show live metrics, then the animation. Returns the figures
+        (empty if the settings are invalid; the reason is in :attr:`message` and :attr:`error`)."""
+        self.error = None
+        self.figures = {}
+        try:
+            cfg = self.config()
+            if cfg.num_samples * cfg.feature_dim > 20_000_000:
+                raise ValueError(f"N d = {cfg.num_samples} x {cfg.feature_dim} is too large for the explorer "
+                                 "(at most 2e7 feature entries): lower C, n or d.")
+            if self.steps.value // self.measure_every.value > 2000:
+                raise ValueError("steps / measure_every must be at most 2000 measurements: raise 'measure every'.")
+        except ValueError as err:
+            self.error = str(err)
+            self._say("Invalid settings: " + html.escape(str(err)), "error")
+            return {}
+        self.button.disabled = True
+        self._say(f"Training {cfg.num_classes} classes, d = {cfg.feature_dim}, n = {cfg.counts()[0]} per class, "
+                  f"{cfg.optimizer} (lr {cfg.learning_rate:g}), {cfg.loss} …")
+        fig = None
+        if self.live:
+            fig = live_metrics_figure(EXPLORER_KEYS)
+            self.live_figure = fig
+            self.live_output.clear_output(wait=True)
+            with self.live_output:
+                from IPython.display import display
+                display(fig)
+        try:
+            self.history = ufm.train_ufm(cfg, self.steps.value, self.measure_every.value, progress=False,
+                                         live=fig if fig is not None else False, live_keys=EXPLORER_KEYS)
+        except (ValueError, FloatingPointError) as err:
+            self.error = str(err)
+            self._say("Training stopped: " + html.escape(str(err)), "error")
+            return {}
+        finally:
+            self.button.disabled = False
+        h = self.history
+        metrics = plot_metric_curves({"run": h}, EXPLORER_KEYS, log_y=[k for k in EXPLORER_KEYS if k not in ("objective", "accuracy")],
+                                     title="Loss and collapse metrics")
+        try:
+            anim = collapse_animation(h, max_frames=40)
+        except ValueError as err:  # e.g. too few snapshots
+            anim = None
+            self._say(html.escape(str(err)), "error")
+        self.figures = {"metrics": metrics} | ({"animation": anim} if anim is not None else {})
+        if anim is not None:
+            self.animation_output.clear_output(wait=True)
+            with self.animation_output:
+                anim.show()
+        last = h.last
+        self.runs += 1
+        self._say(f"Done in {h.elapsed:.1f} s: objective {last['objective']:.5g}, accuracy {last['accuracy']:.3f}, "
+                  f"NC1 {last['within_class_variability']:.2e}, NC2 {last['classifier_etf_distance']:.2e}. "
+                  "Press ▶ in the animation below.", "ok")
+        if fig is not None:
+            update_live_figure(fig, h.records, EXPLORER_KEYS)
+        return self.figures
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+
+def ufm_explorer(run: bool = True, display: bool = True, **defaults: Any) -> UFMExplorer:
+    """Build a :class:`UFMExplorer` (keyword defaults as its constructor), display it, and with ``run``
+    train once at its defaults (so a headless run still produces its figures: ``explorer.figures``)."""
+    ex = UFMExplorer(**defaults)
+    if display:
+        from IPython.display import display as show
+        show(ex.widget)
+    if run:
+        ex.run()
+    return ex
