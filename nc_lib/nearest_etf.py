@@ -40,11 +40,12 @@ Dimension. U (d x C) needs C orthonormal columns, so every function here raises 
 d < C (for d = C-1 a simplex ETF exists, but not in this parametrisation: use
 :func:`nc_lib.etf.simplex_etf` or a larger feature dimension).
 
-Precision and cost. Forward and backward compute in float64 whatever the input dtype and return
-the input dtype. The closed form uses by default the eigendecomposition of the C x C Gram Z^T Z
+Precision and cost. The forward computes in float64 whatever the input dtype; the backward in
+float64 for small problems and in the input dtype otherwise. The closed form uses by default the eigendecomposition of the C x C Gram Z^T Z
 (``U = Z B S^-1 B^T``) plus one Newton-Schulz step, which matches LAPACK's thin SVD to ~1e-14 in
 float64 at a fraction of its cost (``polar_method="svd"`` selects the SVD). Forward + backward
-cost four plus three d x C x C matrix products and one C x C eigendecomposition; small problems
+cost two (four when Z is ill-conditioned) plus three d x C x C matrix products, a few C x C
+products and one C x C eigendecomposition; small problems
 run that algebra on NumPy (lower per-call overhead), larger ones on torch.
 """
 from __future__ import annotations
@@ -157,6 +158,14 @@ class _Backend:
 
 
 NUMPY_MAX_WORK = 2**18
+NS_THRESHOLD = 1e-13  # Newton-Schulz step after the Gram route when eps cond(Z)^2 exceeds this
+
+
+def _times_mt(X, r: float):
+    """``X Mt = X (I - 11^T/C)/sqrt(C-1)`` in O(C^2) for a NumPy array or a torch tensor (r = sqrt(C-1))."""
+    if isinstance(X, np.ndarray):
+        return (X - X.mean(axis=1, keepdims=True)) / r
+    return (X - X.mean(dim=1, keepdim=True)) / r
 
 
 def _backend_for(t: Tensor) -> _Backend:
@@ -425,7 +434,9 @@ class NearestETFFunction(torch.autograd.Function):
     polar-factor formula of :func:`polar_backward`, dL/dHbar = dL/dZ Mt, dL/dU_prox = (delta/2) dL/dZ).
 
     Use through :func:`nearest_etf_node`. Outputs U; the iteration count goes into the ``info``
-    dict. Both passes compute in float64 (NumPy for small problems, torch otherwise).
+    dict. The forward computes in float64; the backward in float64 on NumPy for small problems,
+    else on torch in the input dtype. After the Gram route a Newton-Schulz step is taken when
+    eps cond(Z)^2 > ``NS_THRESHOLD`` (else the Gram route is already accurate to ~1e-13).
     Fused form of the backward (A = U B, T = U^T G, What = B^T T B, N = B S^-1 B^T):
 
         Y = [(What - What^T)_ij/(s_i + s_j)] - What S^-1,   dL/dZ = U (B Y B^T) + G N,
@@ -446,12 +457,17 @@ class NearestETFFunction(torch.autograd.Function):
             Zs = Zs + (0.5 * delta * r) * bk.from_torch(U_prox)
         it = 0
         out = None
+        N = None
         if solver == "closed":
             if _auto_polar_method(dt, polar_method) == "gram":
                 out = _gram_kernel(Zs.T @ Zs, C, bk)
             if out is not None:
                 N, S, B = out
-                U = _newton_schulz(Zs @ N)
+                U = Zs @ N
+                # Newton-Schulz only where it matters: the Gram route's error is ~ eps cond(Z)^2
+                if float(S[-1] / S[0]) ** 2 * 2.220446049250313e-16 > NS_THRESHOLD:
+                    U = _newton_schulz(U)
+                N = r * N  # B S^-1 B^T for Z = Zs/sqrt(C-1)
             else:
                 A, S_t, Bh = torch.linalg.svd(torch.as_tensor(Zs, device=Hbar.device), full_matrices=False)
                 U, S, B = bk.from_torch(A @ Bh), bk.from_torch(S_t), bk.from_torch(Bh.mT)
@@ -464,13 +480,16 @@ class NearestETFFunction(torch.autograd.Function):
             U, S, B = bk.from_torch(U_t), bk.from_torch(S_t), bk.from_torch(B_t)
         S = S / r  # singular values of Z (S above are those of Zs)
         ctx.full_rank = float(S.min()) > C * 2.220446049250313e-16 * float(abs(S).max())
-        ctx.bk, ctx.delta, ctx.dtype = bk, delta, dt
+        ctx.delta, ctx.dtype = delta, dt
+        # the backward works in float64 on NumPy (small problems) and in the input dtype on torch
+        ctx.numpy = bk.numpy
+        work = (lambda a: a) if bk.numpy else (lambda a: a.to(dt))
         if ctx.full_rank and any(ctx.needs_input_grad[:2]):
-            Mt = bk.mt(C)
-            N = (B / S[None, :]) @ B.T
-            ctx.U, ctx.B, ctx.S = U, B, S
-            ctx.den = S[:, None] + S[None, :]
-            ctx.BtMt, ctx.NMt, ctx.N = B.T @ Mt, N @ Mt, N
+            if N is None:
+                N = (B / S[None, :]) @ B.T
+            ctx.U, ctx.B, ctx.S = work(U), work(B), work(S)
+            ctx.den = ctx.S[:, None] + ctx.S[None, :]
+            ctx.BtMt, ctx.NMt, ctx.N = work(_times_mt(B.T, r)), work(_times_mt(N, r)), work(N)
         info["iterations"] = it
         return bk.to_torch(U, dt)
 
@@ -485,16 +504,22 @@ class NearestETFFunction(torch.autograd.Function):
                 "The nearest-ETF node has no derivative when Z = Hbar Mt + (delta/2) U_prox is rank "
                 "deficient (delta = 0 or no proximal term): use delta > 0 with U_prox (REFERENCE Sec. 4)."
             )
-        bk, U, B, S = ctx.bk, ctx.U, ctx.B, ctx.S
-        G = bk.from_torch(grad_U)
-        What = B.T @ (U.T @ G) @ B
+        U, B, S = ctx.U, ctx.B, ctx.S
+        if ctx.numpy:
+            G = grad_U.detach().to(torch.float64).numpy()
+        else:
+            G = grad_U.detach().to(U.dtype)
+        What = B.T @ ((U.T @ G) @ B)
         Y = (What - What.T) / ctx.den - What / S[None, :]
         BY = B @ Y
         gH = gP = None
         if need_h:
-            gH = bk.to_torch(G @ ctx.NMt + U @ (BY @ ctx.BtMt), ctx.dtype)
+            gH = G @ ctx.NMt + U @ (BY @ ctx.BtMt)
         if need_p:
-            gP = bk.to_torch((0.5 * ctx.delta) * (G @ ctx.N + U @ (BY @ B.T)), ctx.dtype)
+            gP = (0.5 * ctx.delta) * (G @ ctx.N + U @ (BY @ B.T))
+        if ctx.numpy:
+            gH = None if gH is None else torch.from_numpy(gH).to(ctx.dtype)
+            gP = None if gP is None else torch.from_numpy(gP).to(ctx.dtype)
         return gH, gP, None, None, None, None, None, None, None
 
 

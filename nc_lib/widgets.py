@@ -57,18 +57,21 @@ class UFMExplorer:
         self.seed = W.BoundedIntText(value=seed, min=0, max=10 ** 6, description="seed", style=style, layout=lay)
         self.button = W.Button(description="Train", button_style="primary", icon="play")
         self.status = W.HTML(value="Choose the settings and press <b>Train</b>.")
-        self.live_output = W.Output()
         self.animation_output = W.Output()
         self.live = live
+        # the live figure is a child widget of the explorer (not displayed through an Output area)
+        self.live_figure: Any = live_metrics_figure(EXPLORER_KEYS) if live else None
         self.button.on_click(self._on_click)
         grid = W.GridBox([self.C, self.d, self.n, self.seed, self.loss, self.optimizer, self.head, self.lr,
                           self.lambda_W, self.lambda_H, self.lambda_b, self.steps, self.measure_every],
                          layout=W.Layout(grid_template_columns="repeat(4, 230px)"))
-        self.widget = W.VBox([grid, W.HBox([self.button, self.status]), self.live_output, self.animation_output])
+        children = [grid, W.HBox([self.button, self.status])]
+        if self.live_figure is not None:
+            children.append(self.live_figure)
+        self.widget = W.VBox(children + [self.animation_output])
         self.history: ufm.UFMHistory | None = None
         self.figures: dict[str, go.Figure] = {}
         self.error: str | None = None
-        self.live_figure: Any = None
         self.runs = 0
 
     # ---- state
@@ -111,14 +114,9 @@ class UFMExplorer:
         self.button.disabled = True
         self._say(f"Training {cfg.num_classes} classes, d = {cfg.feature_dim}, n = {cfg.counts()[0]} per class, "
                   f"{cfg.optimizer} (lr {cfg.learning_rate:g}), {cfg.loss} …")
-        fig = None
-        if self.live:
-            fig = live_metrics_figure(EXPLORER_KEYS)
-            self.live_figure = fig
-            self.live_output.clear_output(wait=True)
-            with self.live_output:
-                from IPython.display import display
-                display(fig)
+        fig = self.live_figure
+        if fig is not None:
+            update_live_figure(fig, [], EXPLORER_KEYS)
         try:
             self.history = ufm.train_ufm(cfg, self.steps.value, self.measure_every.value, progress=False,
                                          live=fig if fig is not None else False, live_keys=EXPLORER_KEYS)
@@ -138,9 +136,7 @@ class UFMExplorer:
             self._say(html.escape(str(err)), "error")
         self.figures = {"metrics": metrics} | ({"animation": anim} if anim is not None else {})
         if anim is not None:
-            self.animation_output.clear_output(wait=True)
-            with self.animation_output:
-                anim.show()
+            _set_output_figure(self.animation_output, anim)
         last = h.last
         self.runs += 1
         self._say(f"Done in {h.elapsed:.1f} s: objective {last['objective']:.5g}, accuracy {last['accuracy']:.3f}, "
@@ -153,6 +149,19 @@ class UFMExplorer:
     def _ipython_display_(self) -> None:
         from IPython.display import display
         display(self.widget)
+
+
+def _set_output_figure(output: Any, fig: go.Figure) -> None:
+    """Put a plotly figure (frames included) into an Output widget as one display_data bundle.
+
+    Setting the widget's ``outputs`` sends one state update; printing a large animation through
+    ``with output: fig.show()`` instead streams it through the output-capture path, which headless
+    executors (nbclient/papermill) can stall on."""
+    import json
+
+    bundle = {"application/vnd.plotly.v1+json": json.loads(fig.to_json()),
+              "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn", auto_play=False)}
+    output.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
 
 def ufm_explorer(run: bool = True, display: bool = True, **defaults: Any) -> UFMExplorer:

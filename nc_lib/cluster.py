@@ -1,0 +1,609 @@
+"""Grids of runs on a SLURM cluster through submitit, and a dry run that prices a grid first.
+
+One job per configuration, submitted as job arrays (:func:`submit_grid`). Each job trains one
+:class:`nc_lib.train.TrainConfig` with :func:`nc_lib.train.train` into the shared run store
+(``runs_dir()`` or a path given), so results land where the figure builders read them.
+
+* **Preemption.** :class:`RunJob` is a ``submitit.helpers.Checkpointable``: on preemption or time-out
+  submitit calls :meth:`RunJob.checkpoint`, which returns a ``DelayedSubmission`` of the same run;
+  the requeued job calls :func:`~nc_lib.train.train` again, which resumes from the run's last
+  checkpoint (the engine checkpoints at every measurement epoch).
+* **No two jobs take the same run.** Before training, a job creates ``<run dir>/run.lock`` with
+  ``os.open(O_CREAT | O_EXCL)`` (atomic on local file systems and NFSv3+): the lock holds the
+  job id, host, pid and a heartbeat (its mtime, refreshed by a thread every ``heartbeat_s``). A lock
+  is *stale*, and is taken over, when its holder is this same job id (a requeued job), or is on this
+  host with a pid that no longer runs, or its heartbeat is older than ``stale_after_s``. Takeover
+  renames the stale file away first (only one contender can rename it), then creates a new lock.
+* **Finished runs are skipped**, both at submission (not submitted) and in the job (checked
+  again after taking the lock).
+
+:func:`dry_run` lists a grid and estimates its device hours from a timed fraction of the first
+epoch of each configuration (random inputs of the dataset's shape, so nothing is downloaded),
+extrapolated to every epoch and measurement: ``python -m nc_lib.cluster dry-run --paper papyan2020
+--scale paper``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .paths import runs_dir as default_runs_dir
+from .train import TrainConfig, is_finished, run_dir, train
+from .validation import check_choice, check_int, check_positive
+
+try:  # submitit is needed only to submit; locks and the dry run work without it
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError:  # pragma: no cover - exercised only where submitit is missing
+    submitit = None
+
+    class Checkpointable:  # type: ignore[no-redef]
+        """Stand-in so that this module imports without submitit."""
+
+    DelayedSubmission = None  # type: ignore[assignment,misc]
+
+LOCK_NAME = "run.lock"
+CLUSTERS = ("slurm", "local", "debug")
+PAPERS = ("papyan2020", "zhu2021")
+
+#: training-set sizes of the full datasets (used by the dry run when ``per_class`` is None)
+TRAIN_SIZES: dict[str, int] = {"mnist": 60000, "fashionmnist": 60000, "cifar10": 50000, "cifar100": 50000,
+                               "svhn": 73257, "stl10": 5000, "imagenet": 1281167, "digits": 1497, "mnist1d": 4000}
+TEST_SIZES: dict[str, int] = {"mnist": 10000, "fashionmnist": 10000, "cifar10": 10000, "cifar100": 10000,
+                              "svhn": 26032, "stl10": 8000, "imagenet": 50000, "digits": 300, "mnist1d": 1000}
+
+
+def _require_submitit() -> None:
+    if submitit is None:
+        raise ImportError("nc_lib.cluster needs submitit to submit jobs: pip install submitit")
+
+
+def current_job_id() -> str:
+    """The id of the scheduler job running this process ('' outside one): submitit's job id (SLURM
+    ``<array>_<task>`` or the local executor's), else ``$SLURM_JOB_ID``."""
+    if submitit is not None:
+        try:
+            return str(submitit.JobEnvironment().job_id)
+        except RuntimeError:
+            pass
+    arr, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if arr and task:
+        return f"{arr}_{task}"
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The run lock
+# ----------------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on one run directory: ``<run dir>/run.lock`` created with O_CREAT|O_EXCL.
+
+    ``acquire()`` returns True when this process now holds the lock, False when a live holder has
+    it. See the module docstring for when a lock counts as stale. Use as a context manager
+    (raises RuntimeError if the lock is held by another) or call acquire/release.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, job_id: str | None = None, stale_after_s: float = 1800.0,
+                 heartbeat_s: float = 60.0) -> None:
+        self.dir = Path(path)
+        self.file = self.dir / LOCK_NAME
+        self.job_id = current_job_id() if job_id is None else str(job_id)
+        self.stale_after_s = check_positive("stale_after_s", stale_after_s)
+        self.heartbeat_s = check_positive("heartbeat_s", heartbeat_s)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def info(self) -> dict[str, Any] | None:
+        """The holder's record (job_id, host, pid, token, time, heartbeat age), or None if unlocked."""
+        try:
+            rec = json.loads(self.file.read_text())
+            rec["heartbeat_age_s"] = time.time() - self.file.stat().st_mtime
+            return rec
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):  # being written right now: treat as held and fresh
+            return {"job_id": "", "host": "", "pid": -1, "token": "", "heartbeat_age_s": 0.0}
+
+    def is_stale(self, rec: dict[str, Any]) -> bool:
+        if self.job_id and rec.get("job_id") == self.job_id:
+            return True  # the same scheduler job, requeued after preemption
+        if rec.get("host") == socket.gethostname() and int(rec.get("pid", -1)) > 0 \
+                and not _pid_alive(int(rec["pid"])):
+            return True
+        return float(rec.get("heartbeat_age_s", 0.0)) > self.stale_after_s
+
+    def _create(self) -> bool:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        rec = {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+               "time": time.time()}
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(rec))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def acquire(self) -> bool:
+        if self.held:
+            return True
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                self._start_heartbeat()
+                return True
+            rec = self.info()
+            if rec is None:
+                continue  # released meanwhile: try again
+            if not self.is_stale(rec):
+                return False
+            # take over: move the stale file away (one contender wins the rename), check it was the
+            # one judged stale, and put it back (link fails if a new lock exists) if it was not
+            aside = self.file.with_name(f"{LOCK_NAME}.stale.{os.getpid()}.{time.time_ns()}")
+            try:
+                os.rename(self.file, aside)
+            except FileNotFoundError:
+                continue
+            try:
+                moved = json.loads(aside.read_text())
+            except (json.JSONDecodeError, OSError):
+                moved = {}
+            if moved.get("token") != rec.get("token"):
+                try:
+                    os.link(aside, self.file)
+                except FileExistsError:
+                    pass
+            aside.unlink(missing_ok=True)
+        return False
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.file)
+                except OSError:
+                    return
+
+        self._thread = threading.Thread(target=beat, daemon=True, name="nc_lib-run-lock")
+        self._thread.start()
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it (a lock taken over by another is left alone)."""
+        self._stop.set()
+        if not self.held:
+            return
+        self.held = False
+        try:
+            if json.loads(self.file.read_text()).get("token") == self.token:
+                self.file.unlink(missing_ok=True)
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+
+    def __enter__(self) -> "RunLock":
+        if not self.acquire():
+            raise RuntimeError(f"run {self.dir} is taken by {self.info()}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# One job = one run
+# ----------------------------------------------------------------------------------------------
+def _as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, Mapping):
+        return TrainConfig.from_dict(dict(config))
+    raise ValueError(f"config must be a TrainConfig or a dict of its fields; got {type(config).__name__}.")
+
+
+class _RunsDir:
+    """Point ``runs_dir()`` at ``path`` inside a block (jobs run in fresh processes on the cluster)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.old = path, None
+
+    def __enter__(self) -> None:
+        if self.path is not None:
+            self.old = os.environ.get("NC_RUNS_DIR")
+            os.environ["NC_RUNS_DIR"] = str(self.path)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.path is not None:
+            if self.old is None:
+                os.environ.pop("NC_RUNS_DIR", None)
+            else:
+                os.environ["NC_RUNS_DIR"] = self.old
+
+
+class RunJob(Checkpointable):
+    """The callable a job runs: ``RunJob(runs_dir)(config_dict) -> summary dict``.
+
+    Takes the run's lock, skips finished runs, trains (resuming from the last checkpoint), and
+    returns ``{"status": "trained" | "finished" | "taken" | "stopped", "path", "config_hash",
+    "final", "job_id"}``. On preemption submitit calls :meth:`checkpoint`, which requeues the same
+    run; the engine resumes it from its checkpoint.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike | None = None, *, stale_after_s: float = 1800.0,
+                 heartbeat_s: float = 60.0, stop_after_epochs: int | None = None, threads: int | None = None) -> None:
+        self.runs_dir = None if runs_dir is None else str(runs_dir)
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = heartbeat_s
+        self.stop_after_epochs = stop_after_epochs
+        self.threads = threads
+
+    def __call__(self, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+        cfg = _as_config(config)
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+        with _RunsDir(self.runs_dir):
+            path = run_dir(cfg)
+            out = {"path": str(path), "config_hash": cfg.config_hash(), "job_id": current_job_id()}
+            if is_finished(cfg):
+                return {**out, "status": "finished", "final": _final(path)}
+            lock = RunLock(path, stale_after_s=self.stale_after_s, heartbeat_s=self.heartbeat_s)
+            if not lock.acquire():
+                return {**out, "status": "taken", "holder": lock.info()}
+            try:
+                if is_finished(cfg):  # finished by another job between the check and the lock
+                    return {**out, "status": "finished", "final": _final(path)}
+                res = train(cfg, progress=False, stop_after_epochs=self.stop_after_epochs)
+            finally:
+                lock.release()
+            return {**out, "status": "trained" if res.finished else "stopped", "final": res.final}
+
+    def checkpoint(self, config: TrainConfig | Mapping[str, Any]) -> Any:
+        """Preempted or timed out: resubmit this same run; it resumes from the engine's checkpoint."""
+        _require_submitit()
+        return DelayedSubmission(RunJob(self.runs_dir, stale_after_s=self.stale_after_s,
+                                        heartbeat_s=self.heartbeat_s, stop_after_epochs=self.stop_after_epochs,
+                                        threads=self.threads), config)
+
+
+def _final(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "done.json").read_text()).get("final", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def make_executor(folder: str | os.PathLike, *, cluster: str | None = None, timeout_min: int = 60 * 24,
+                  gpus_per_node: int = 1, cpus_per_task: int = 8, mem_gb: int | None = None,
+                  partition: str | None = None, array_parallelism: int = 64, **slurm_params: Any) -> Any:
+    """A ``submitit.AutoExecutor`` for one-GPU jobs: SLURM when ``sbatch`` exists, else local.
+
+    cluster: "slurm", "local" (subprocesses on this machine) or "debug" (in this process); None
+    lets submitit choose. ``slurm_params`` are passed as ``slurm_<name>`` (e.g. ``account``, ``qos``,
+    ``constraint``); ``array_parallelism`` caps how many tasks of an array run at once.
+    """
+    _require_submitit()
+    if cluster is not None:
+        check_choice("cluster", cluster, CLUSTERS)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict[str, Any] = {"timeout_min": int(timeout_min), "gpus_per_node": int(gpus_per_node),
+                              "cpus_per_task": int(cpus_per_task), "slurm_array_parallelism": int(array_parallelism)}
+    if mem_gb is not None:
+        params["mem_gb"] = int(mem_gb)
+    if partition is not None:
+        params["slurm_partition"] = partition
+    params.update({f"slurm_{k}": v for k, v in slurm_params.items()})
+    if ex.cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        if ex.cluster == "local" and not torch.cuda.is_available():
+            params["gpus_per_node"] = 0
+    ex.update_parameters(**params)
+    return ex
+
+
+@dataclass
+class GridSubmission:
+    """What :func:`submit_grid` did: the jobs submitted (one per run to train) and the runs skipped."""
+
+    jobs: list[Any]
+    submitted: list[TrainConfig]
+    skipped: list[TrainConfig]
+
+    def results(self) -> list[dict[str, Any]]:
+        """Wait for every job; their summary dicts, in submission order."""
+        return [job.result() for job in self.jobs]
+
+
+def _items(configs: Any, prefix: tuple = ()) -> list[tuple[Any, TrainConfig]]:
+    """(key, config) pairs of a grid: a mapping (nested mappings too, as zhu2021.grid gives), or
+    an iterable of configs (key None)."""
+    if isinstance(configs, TrainConfig):
+        return [(prefix if prefix else None, configs)]
+    if isinstance(configs, Mapping) and not any(f in configs for f in ("dataset", "model")):
+        out = []
+        for k, v in configs.items():
+            out += _items(v, prefix + (k,))
+        return out
+    if isinstance(configs, Mapping):
+        return [(prefix if prefix else None, _as_config(configs))]
+    out = []
+    for c in configs:
+        out += _items(c, prefix)
+    return out
+
+
+def _flatten(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig]) -> list[TrainConfig]:
+    out, seen = [], set()
+    for _, c in _items(configs):
+        c = _as_config(c)
+        if c.config_hash() not in seen:  # two grid entries with the same run: one job
+            seen.add(c.config_hash())
+            out.append(c)
+    return out
+
+
+def submit_grid(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], executor: Any, *,
+                runs_dir: str | os.PathLike | None = None, skip_finished: bool = True,
+                job: RunJob | None = None) -> GridSubmission:
+    """Submit one job per unfinished configuration, as one job array (``executor.map_array``).
+
+    configs: a grid (``papyan2020.grid("paper")``) or any iterable of TrainConfig; duplicates are
+    submitted once. executor: from :func:`make_executor` (or any submitit executor). runs_dir: the
+    shared run store the jobs write to (default: this process's ``runs_dir()``, which must be on a
+    file system every node sees). Finished runs are not submitted.
+    """
+    _require_submitit()
+    store = str(Path(runs_dir) if runs_dir is not None else default_runs_dir())
+    todo, skipped = [], []
+    with _RunsDir(store):
+        for c in _flatten(configs):
+            (skipped if skip_finished and is_finished(c) else todo).append(c)
+    job = job if job is not None else RunJob(store)
+    if job.runs_dir is None:
+        job.runs_dir = store
+    jobs = executor.map_array(job, [c.to_dict() for c in todo]) if todo else []
+    return GridSubmission(list(jobs), todo, skipped)
+
+
+def grid_status(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *,
+                runs_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Per run: ``hash``, ``dataset``, ``model``, ``state`` ("finished", "running" (locked),
+    "partial" (checkpointed, unlocked) or "new"), epochs done, and the lock holder if any."""
+    rows = []
+    with _RunsDir(None if runs_dir is None else str(runs_dir)):
+        for c in _flatten(configs):
+            path = run_dir(c)
+            ckpts = sorted((path / "checkpoints").glob("epoch_*.pt"))
+            done = int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
+            holder = RunLock(path, job_id="").info() if (path / LOCK_NAME).exists() else None
+            state = "finished" if is_finished(c) else "running" if holder else "partial" if ckpts else "new"
+            rows.append({"hash": c.config_hash(), "dataset": c.dataset, "model": c.model, "state": state,
+                         "epochs_done": c.epochs if state == "finished" else done, "epochs": c.epochs,
+                         "holder": holder})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run
+# ----------------------------------------------------------------------------------------------
+def _dataset_sizes(c: TrainConfig) -> tuple[int, int, int, tuple[int, ...]]:
+    from .data import dataset_info
+
+    info = dataset_info(c.dataset, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in c.dataset_kwargs.items()})
+    C, shape = int(info["num_classes"]), tuple(int(s) for s in info["input_shape"])
+    if c.dataset == "fake":
+        n_train, n_test = int(c.dataset_kwargs.get("size", 64)), int(c.dataset_kwargs.get("size", 32))
+    elif c.dataset == "gaussian":
+        n_train = n_test = C * int(c.dataset_kwargs.get("n_per_class", 100))
+    else:
+        n_train, n_test = TRAIN_SIZES.get(c.dataset, 50000), TEST_SIZES.get(c.dataset, 10000)
+    if c.per_class is not None:
+        n_train = min(n_train, C * c.per_class)
+    if c.test_per_class is not None:
+        n_test = min(n_test, C * c.test_per_class)
+    return C, n_train, n_test, shape
+
+
+def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device: str | torch.device | None = None,
+                eval_steps: int = 2) -> dict[str, Any]:
+    """Time ``steps`` training steps (after ``warmup``) and ``eval_steps`` measurement batches of a
+    configuration on random inputs of its dataset's shape, and extrapolate to the whole run:
+
+        epoch_s   = step_s * ceil(N_train / batch_size)
+        measure_s = eval_s * ceil((N_train [x2 with train_sample_pass] + N_test) / eval_batch_size)
+        total_s   = epochs * epoch_s + len(measurement_epochs) * measure_s
+    """
+    from .train import _build, _make_optimizer, resolve_device
+
+    steps = check_int("steps", steps, 1)
+    dev = resolve_device(config.device) if device is None else torch.device(device)
+    C, n_train, n_test, shape = _dataset_sizes(config)
+    model = _build(config, dev, {"num_classes": C, "input_shape": list(shape)})
+    opt = _make_optimizer(config, model)
+    ce = torch.nn.CrossEntropyLoss()
+    B = min(config.batch_size, n_train)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((B, *shape), generator=g).to(dev)
+    y = torch.randint(0, C, (B,), generator=g).to(dev)
+    needs_labels = bool(getattr(model.head, "needs_labels", False))
+
+    def step() -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            h = model.body(x)
+            loss = ce(model.head(h, y) if needs_labels else model.head(h), y)
+            loss.backward()
+            return loss
+        if config.optimizer == "lbfgs":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    model.train()
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    step_s = (time.perf_counter() - t0) / steps
+    model.eval()
+    EB = min(config.eval_batch_size, n_train)
+    xe = torch.randn((EB, *shape), generator=g).to(dev)
+    with torch.no_grad():
+        model(xe)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(eval_steps):
+            model(xe)
+        sync()
+    eval_s = (time.perf_counter() - t0) / eval_steps
+    epoch_s = step_s * math.ceil(n_train / B)
+    n_eval = n_train * (2 if config.train_sample_pass else 1) + n_test
+    measure_s = eval_s * math.ceil(n_eval / EB)
+    n_measure = len(config.measurement_epochs())
+    total_s = config.epochs * epoch_s + n_measure * measure_s
+    return {"step_s": step_s, "epoch_s": epoch_s, "measure_s": measure_s, "measurements": n_measure,
+            "total_s": total_s, "n_train": n_train, "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+
+
+def dry_run(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, steps: int = 5,
+            device: str | torch.device | None = None, runs_dir: str | os.PathLike | None = None,
+            print_table: bool = True) -> list[dict[str, Any]]:
+    """List a grid's configurations and estimate the device hours of each from a timed fraction of
+    its first epoch (:func:`time_config`). Runs already finished in the store cost nothing.
+
+    Returns one row per run (``key``, ``dataset``, ``model``, ``epochs``, ``batch_size``, ``lr``,
+    ``hash``, ``status``, ``epoch_s``, ``measure_s``, ``hours``, ``device``) and prints a table with a
+    total (GPU hours when timed on a GPU, CPU hours otherwise). Timings repeat for configurations
+    that differ only in optimisation settings (lr, seeds), so each (dataset, model, shape, batch)
+    is timed once.
+    """
+    items = [(k[0] if isinstance(k, tuple) and len(k) == 1 else k, c) for k, c in _items(configs)]
+    if not items:
+        raise ValueError("configs is empty: give at least one TrainConfig.")
+    rows: list[dict[str, Any]] = []
+    cache: dict[str, dict[str, Any]] = {}
+    with _RunsDir(None if runs_dir is None else str(runs_dir)):
+        for key, c in items:
+            c = _as_config(c)
+            timing_key = json.dumps([c.dataset, c.model, c.width, c.feature_dim, c.head, c.model_kwargs,
+                                     c.dataset_kwargs, c.batch_size, c.eval_batch_size, c.optimizer, c.amp,
+                                     c.per_class, c.test_per_class, c.train_sample_pass], sort_keys=True, default=str)
+            if timing_key not in cache:
+                cache[timing_key] = time_config(c.replace(epochs=1, measure_epochs=None), steps=steps, device=device)
+            t = dict(cache[timing_key])
+            n_measure = len(c.measurement_epochs())
+            total = c.epochs * t["epoch_s"] + n_measure * t["measure_s"]
+            finished = is_finished(c)
+            rows.append({"key": "" if key is None else str(key), "dataset": c.dataset, "model": c.model,
+                         "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "hash": c.config_hash(),
+                         "status": "finished" if finished else "todo", "n_train": t["n_train"],
+                         "epoch_s": t["epoch_s"], "measure_s": t["measure_s"], "measurements": n_measure,
+                         "hours": 0.0 if finished else total / 3600.0, "device": t["device_name"]})
+    if print_table:
+        print(format_table(rows))
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The dry run's rows as a plain-text table with a total line."""
+    cols = ["key", "dataset", "model", "epochs", "batch_size", "lr", "n_train", "epoch_s", "measure_s", "hours",
+            "status", "device"]
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    total = sum(r["hours"] for r in rows)
+    gpu = any(r["device"] != "cpu" for r in rows)
+    todo = sum(r["status"] == "todo" for r in rows)
+    lines.append(f"{len(rows)} runs ({todo} to train): {total:.4g} {'GPU' if gpu else 'CPU'} hours "
+                 f"(one device per run; timed on {rows[0]['device'] if rows else '-'})")
+    return "\n".join(lines)
+
+
+def paper_grid(paper: str, scale: str) -> Mapping[Any, TrainConfig]:
+    """``nc_lib.papers.<paper>.grid(scale)``."""
+    paper = check_choice("paper", paper, PAPERS)
+    mod = importlib.import_module(f"nc_lib.papers.{paper}")
+    return mod.grid(scale)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nc_lib.cluster", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("dry-run", "submit", "status"):
+        s = sub.add_parser(name)
+        s.add_argument("--paper", choices=PAPERS, required=True)
+        s.add_argument("--scale", default="quick")
+        s.add_argument("--runs-dir", default=None)
+        if name == "dry-run":
+            s.add_argument("--steps", type=int, default=5)
+            s.add_argument("--device", default=None)
+            s.add_argument("--json", default=None, help="also write the rows to this JSON file")
+        if name == "submit":
+            s.add_argument("--folder", default="submitit_logs")
+            s.add_argument("--cluster", choices=CLUSTERS, default=None)
+            s.add_argument("--timeout-min", type=int, default=60 * 24)
+            s.add_argument("--partition", default=None)
+            s.add_argument("--gpus", type=int, default=1)
+            s.add_argument("--cpus", type=int, default=8)
+            s.add_argument("--array-parallelism", type=int, default=64)
+    a = p.parse_args(argv)
+    grid = paper_grid(a.paper, a.scale)
+    if a.cmd == "dry-run":
+        rows = dry_run(grid, steps=a.steps, device=a.device, runs_dir=a.runs_dir)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2))
+    elif a.cmd == "submit":
+        ex = make_executor(a.folder, cluster=a.cluster, timeout_min=a.timeout_min, partition=a.partition,
+                           gpus_per_node=a.gpus, cpus_per_task=a.cpus, array_parallelism=a.array_parallelism)
+        sub_ = submit_grid(grid, ex, runs_dir=a.runs_dir)
+        print(f"submitted {len(sub_.jobs)} jobs ({len(sub_.skipped)} finished runs skipped): "
+              f"{', '.join(j.job_id for j in sub_.jobs[:10])}{' ...' if len(sub_.jobs) > 10 else ''}")
+    else:
+        for r in grid_status(grid, runs_dir=a.runs_dir):
+            print(f"{r['hash']}  {r['dataset']:<12} {r['model']:<10} {r['state']:<8} {r['epochs_done']}/{r['epochs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""One large run on several GPUs: data-parallel training (DistributedDataParallel) with measurements
+reduced across ranks, so they equal the single-process numbers.
+
+Launch with torchrun, one process per GPU::
+
+    torchrun --nproc_per_node=8 -m nc_lib.distributed --config run.json [--runs-dir /shared/runs]
+
+where ``run.json`` holds the fields of a :class:`nc_lib.train.TrainConfig`. The run lands in the
+same run directory ``runs_dir()/<dataset>-<model>-<hash>`` with the same files as
+:func:`nc_lib.train.train` (config, metrics.jsonl, checkpoints, snapshots, done.json), so
+:func:`nc_lib.train.load_run` and the figure builders read it, and it resumes from its checkpoint
+with any number of processes (also one). Rank 0 writes; every rank reads the checkpoint.
+
+Training. The global batch is ``config.batch_size``: epoch e's order is the engine's
+(``randperm`` seeded by (seed, e)), each global batch is split into ``world_size`` contiguous
+slices, one per rank (:class:`DistributedEpochBatchSampler`), and each rank weights its loss by
+``n_rank * world_size / n_batch`` so that DDP's gradient average is the gradient of the global
+batch's mean loss. Without batch norm this is the single-process run up to float rounding; batch
+norm is converted to SyncBatchNorm on GPUs (statistics of the global batch), and on CPUs (gloo)
+each rank normalises its own slice. A last global batch with fewer samples than ranks is dropped.
+Augmentation randomness is seeded per (seed, epoch, rank). LBFGS is not supported.
+
+Measurements. Each rank streams its contiguous shard of the (un-augmented) training and test sets
+(:class:`ShardBatchSampler`, no padding, no duplicates) through a
+:class:`nc_lib.metrics.CollapseAccumulator`; :func:`reduce_accumulator` then merges the ranks'
+float64 state exactly: the class sums and counts are summed, and each rank's shifted sums d_c and
+scatter A = sum_i (h_i - k_{y_i})(h_i - k_{y_i})^T are moved to the common shift k_c = global class
+mean before summing,
+
+    A' = A + D^T Delta + Delta^T D + Delta^T diag(n) Delta,   d'_c = d_c + n_c delta_c,
+    delta_c = k^rank_c - k_c,
+
+so the pooled within-class scatter N Sigma_W = A' - sum_c d'_c d'_c^T / n_c is that of all the data.
+The per-sample passes (NCC mismatch, accuracy, cosine margins, loss) reduce their counts and sums
+(:func:`reduce_sample_pass`). Float64 features give the single-process numbers to ~1e-12; float32
+features (the engine's default) to float32 rounding of the per-batch products.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import ArrayDataset, _batch_identity, load_train_test, without_augmentation
+from .metrics import CollapseAccumulator, SampleAccumulator
+from .train import (FeatureTap, RunResult, TrainConfig, _atomic_torch_save, _atomic_write_json, _atomic_write_jsonl,
+                    _autocast, _build, _last_checkpoint, _make_optimizer, _make_scheduler, _read_jsonl, _rng_state,
+                    _snapshot_features, _snapshot_indices, _to_float, environment_record, load_run, resolve_device,
+                    run_dir)
+from .validation import check_choice, check_int
+
+BACKENDS = ("gloo", "nccl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Process group
+# ----------------------------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
+    """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT); nothing to do for one process. backend: "nccl" on GPUs,
+    "gloo" otherwise (default). Returns (rank, world_size, local_rank)."""
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    rank, world = rank_and_world()
+    return rank, world, local
+
+
+def _all_reduce_(t: Tensor) -> Tensor:
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reducing the measurements
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reduce_accumulator(acc: CollapseAccumulator, *, device: torch.device | str | None = None) -> CollapseAccumulator:
+    """Merge every rank's :class:`CollapseAccumulator` state in place (all ranks end equal).
+
+    Sums and counts are summed; shifted sums and scatter are re-centred on the common shift (the
+    global class means) before summing (module docstring). A rank that saw no samples takes part
+    too. ``device``: where to create the state of such a rank (default: cuda under nccl, else cpu).
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return acc
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    dev = acc.sums.device if acc.sums is not None else torch.device(device)
+    p = torch.tensor([-1 if acc.p is None else acc.p], dtype=torch.long, device=dev)
+    dist.all_reduce(p, op=dist.ReduceOp.MAX)
+    if int(p) < 0:
+        raise ValueError("no rank gave any batch to the accumulator.")
+    if acc.p is None:
+        acc._init(int(p), dev)
+    elif acc.p != int(p):
+        raise ValueError(f"ranks disagree on the feature dimension: {acc.p} here, {int(p)} on another rank.")
+    n_local = acc.counts.to(torch.float64)
+    counts = acc.counts.clone()
+    dist.all_reduce(counts)
+    sums = acc.sums.clone()
+    dist.all_reduce(sums)
+    seen = counts > 0
+    k = torch.zeros_like(sums)
+    k[seen] = sums[seen] / counts[seen, None].to(torch.float64)
+    delta = torch.where((n_local > 0)[:, None], acc.shift - k, torch.zeros_like(k))
+    D = acc.shifted_sums
+    cross = D.T @ delta
+    scatter = acc.scatter + cross + cross.T + delta.T @ (n_local[:, None] * delta)
+    shifted = D + n_local[:, None] * delta
+    dist.all_reduce(scatter)
+    dist.all_reduce(shifted)
+    acc.sums, acc.counts, acc.shift, acc.shifted_sums, acc.scatter, acc.seen = sums, counts, k, shifted, scatter, seen
+    return acc
+
+
+@torch.no_grad()
+def reduce_sample_pass(sp: SampleAccumulator) -> SampleAccumulator:
+    """Sum the per-sample counts and sums of a :class:`SampleAccumulator` over ranks, in place."""
+    if rank_and_world()[1] == 1:
+        return sp
+    if sp.margins is not None:
+        raise ValueError("keep_margins=True is not supported across ranks; gather the margins yourself.")
+    dev = sp.means.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([sp.n, sp.ncc_agree, sp.ncc_correct, sp.correct, sp.margin_sum, sp.nc1_sum],
+                     dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    sp.n, sp.ncc_agree, sp.ncc_correct, sp.correct = (int(round(float(v))) for v in t[:4])
+    sp.margin_sum, sp.nc1_sum = float(t[4]), float(t[5])
+    return sp
+
+
+def _keep_precision(features: Tensor) -> Tensor:
+    """float64 features stay float64 (exact reductions); lower precisions become float32."""
+    return features if features.dtype == torch.float64 else features.float()
+
+
+@torch.no_grad()
+def measure_distributed(model: nn.Module, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
+                        device: torch.device, *, train_sample_pass: bool = False,
+                        amp: bool = False) -> tuple[dict[str, float], CollapseAccumulator]:
+    """:func:`nc_lib.train.measure` over sharded loaders, reduced across ranks (every rank gets
+    the same numbers). With one process it is the single-process measurement; float64 models
+    keep float64 features throughout."""
+    was_training = model.training
+    model.eval()
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    acc = CollapseAccumulator(num_classes)
+    out: dict[str, float] = {}
+    red_dev = device if (rank_and_world()[1] == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
+    with FeatureTap(model) as tap:
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = model(x)
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            stats[0] += ce(logits, y).double()
+            stats[1] += (logits.argmax(1) == y).sum()
+            stats[2] += len(y)
+            acc.update(_keep_precision(tap.features), y)
+        stats = _all_reduce_(stats.to(red_dev))
+        n = float(stats[2])
+        out["train_loss"] = float(stats[0]) / n
+        out["train_accuracy"] = float(stats[1]) / n
+        out["train_error"] = 1.0 - float(stats[1]) / n
+        reduce_accumulator(acc, device=device)
+        W, b = model.head.classifier()
+        W = W if W.dtype == torch.float64 else W.float()
+        b = None if b is None else (b if b.dtype == torch.float64 else b.float())
+        out.update(acc.result(W, b))
+        if train_sample_pass:
+            sp = acc.sample_pass(W, b)
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    model(x)
+                sp.update(_keep_precision(tap.features), y)
+            out.update(reduce_sample_pass(sp).result())
+        if test_loader is not None:
+            sp = acc.sample_pass(W, b)
+            stats = torch.zeros(2, dtype=torch.float64, device=device)
+            for x, y in test_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    logits = model(x)
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                stats[0] += ce(logits, y).double()
+                stats[1] += len(y)
+                sp.update(_keep_precision(tap.features), y)
+            stats = _all_reduce_(stats.to(red_dev))
+            out["test_loss"] = float(stats[0]) / float(stats[1])
+            out.update(reduce_sample_pass(sp).result("_test"))
+            out["test_accuracy"] = out["accuracy_test"]
+            out["test_error"] = 1.0 - out["accuracy_test"]
+    model.train(was_training)
+    return out, acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The contiguous shard of ``range(n)`` that rank ``rank`` of ``world`` measures (sizes differ by
+    at most one; no padding, no duplicates)."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """Batches of this rank's contiguous shard of a dataset, in order (for measurements)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int | None = None, world: int | None = None) -> None:
+        r, w = rank_and_world()
+        self.indices = shard_range(n, r if rank is None else rank, w if world is None else world)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = list(self.indices)
+        for s in range(0, len(idx), self.batch_size):
+            yield idx[s:s + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+
+class DistributedEpochBatchSampler(Sampler[list[int]]):
+    """This rank's slice of each global batch of :class:`nc_lib.data.EpochBatchSampler`'s order.
+
+    Epoch e: ``randperm(n)`` seeded by ``seed * 1_000_003 + e`` (the engine's order), cut into
+    global batches of ``batch_size``; rank r takes the r-th of ``world`` contiguous slices of each.
+    Global batches with fewer than ``world`` samples are dropped (every rank needs a sample).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int | None = None,
+                 world: int | None = None) -> None:
+        r, w = rank_and_world()
+        self.n, self.seed, self.shuffle = n, int(seed), shuffle
+        self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
+        self.batch_size = check_int("batch_size", batch_size, self.world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_sizes(self) -> list[int]:
+        """Sizes of the global batches this epoch yields, in order."""
+        return [min(self.batch_size, self.n - s) for s in range(0, self.n, self.batch_size)
+                if min(self.batch_size, self.n - s) >= self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        for s in range(0, self.n, self.batch_size):
+            batch = order[s:s + self.batch_size]
+            if len(batch) < self.world:
+                return
+            yield batch[self.rank * len(batch) // self.world:(self.rank + 1) * len(batch) // self.world]
+
+    def __len__(self) -> int:
+        return len(self.global_sizes())
+
+
+def _loader(dataset: Dataset, sampler: Sampler, pin: bool = False) -> DataLoader:
+    kwargs: dict[str, Any] = {"batch_sampler": sampler, "pin_memory": pin}
+    if isinstance(dataset, ArrayDataset):
+        kwargs["collate_fn"] = _batch_identity
+    return DataLoader(dataset, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+class _Step(nn.Module):
+    """body + head in one forward, so DDP sees every parameter: returns (features, logits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.needs_labels = bool(getattr(model.head, "needs_labels", False))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.model.body(x)
+        return h, (self.model.head(h, y) if self.needs_labels else self.model.head(h))
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics) before measuring."""
+    if rank_and_world()[1] > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+
+
+def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after_epochs: int | None = None,
+                      sync_batchnorm: bool | None = None) -> RunResult:
+    """Train ``config`` data-parallel over the initialised process group (or in one process).
+
+    Same run directory, files and checkpoints as :func:`nc_lib.train.train`; a finished run is
+    loaded, a partial one resumes from its last checkpoint. sync_batchnorm: SyncBatchNorm (default:
+    on GPUs). stop_after_epochs: stop once that many epochs are done (as if killed).
+    """
+    if config.optimizer == "lbfgs":
+        raise ValueError("optimizer='lbfgs' is not supported in data-parallel training; choose one of ['sgd', 'adam'].")
+    rank, world = rank_and_world()
+    path = run_dir(config)
+    if (path / "done.json").exists():
+        return load_run(config)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(path / "config.json", config.to_dict())
+        env = environment_record(device)
+        env.update({"world_size": world, "backend": dist.get_backend() if world > 1 else None,
+                    "launcher": "nc_lib.distributed"})
+        _atomic_write_json(path / "env.json", env)
+    train_set, test_set = load_train_test(
+        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
+        seed=config.data_seed, augment=config.augment, random_labels=config.random_labels,
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})
+    C = train_set.num_classes
+    pin = device.type == "cuda"
+    sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed)
+    train_loader = _loader(train_set, sampler, pin)
+    eval_set = without_augmentation(train_set)
+    eval_train = _loader(eval_set, ShardBatchSampler(len(eval_set), config.eval_batch_size), pin)
+    eval_test = _loader(test_set, ShardBatchSampler(len(test_set), config.eval_batch_size), pin)
+    snap_idx = _snapshot_indices(train_set.targets, config.snapshot_per_class, C, config.data_seed) \
+        if config.snapshot_per_class > 0 else None
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2 ** 32))
+    model_info = {"num_classes": C, "input_shape": list(train_set.input_shape)}
+    model = _build(config, device, model_info)
+    if sync_batchnorm is None:
+        sync_batchnorm = device.type == "cuda" and world > 1
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    opt = _make_optimizer(config, model)
+    sched = _make_scheduler(config, opt)
+    start = 0
+    _barrier()  # rank 0 has made the directory
+    ckpt = _last_checkpoint(path)
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"])
+    records = [r for r in _read_jsonl(path / "metrics.jsonl") if r["epoch"] <= start]
+    timings = [t for t in _read_jsonl(path / "timings.jsonl") if t["epoch"] <= start]
+    if rank == 0:
+        _atomic_write_jsonl(path / "metrics.jsonl", records)
+        _atomic_write_jsonl(path / "timings.jsonl", timings)
+    _barrier()
+
+    step = _Step(model)
+    ddp: nn.Module = step
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    measure_at = set(config.measurement_epochs())
+    ce = nn.CrossEntropyLoss()
+    renormalise = bool(getattr(model.head, "renormalise_after_step", False))
+    use_amp = config.amp and device.type == "cuda"
+    red_dev = device if (world == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model} on {config.dataset} x{world}", unit="epoch")
+    t_train = 0.0
+    stopped = False
+    for epoch in range(start + 1, config.epochs + 1):
+        if stop_after_epochs is not None and epoch > stop_after_epochs:
+            stopped = True
+            break
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)  # augmentation: per (seed, epoch, rank)
+        model.train()
+        sampler.set_epoch(epoch)
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+        for (x, y), global_n in zip(train_loader, sampler.global_sizes()):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            weight = len(y) * world / global_n  # DDP averages: the global batch's mean loss
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, use_amp):
+                h, logits = ddp(x, y)
+                loss = ce(logits.float(), y)
+                if config.feature_decay > 0:
+                    loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
+            (loss * weight).backward()
+            opt.step()
+            if renormalise:
+                with torch.no_grad():
+                    model.head.renormalise_()
+            stats[0] += loss.detach().double() * len(y)
+            stats[1] += (logits.detach().argmax(1) == y).sum()
+            stats[2] += len(y)
+        stats = _all_reduce_(stats.to(red_dev))
+        loss_sum, correct, n = float(stats[0]), int(stats[1]), int(stats[2])
+        lr_used = opt.param_groups[0]["lr"]
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        t_train += dt
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower lr={config.lr}.")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
+        if epoch in measure_at:
+            t1 = time.perf_counter()
+            _sync_buffers(model)
+            res, acc = measure_distributed(model, eval_train, eval_test, C, device,
+                                           train_sample_pass=config.train_sample_pass, amp=use_amp)
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr_used, "train_loss_running": loss_sum / n,
+                                      "train_accuracy_running": correct / n}
+            record.update({k: _to_float(v) for k, v in res.items()})
+            if rank == 0:
+                if snap_idx is not None:
+                    W, b = model.head.classifier()
+                    snap = {"epoch": epoch, "means": acc.means.float().cpu(),
+                            "global_mean": acc.global_mean.float().cpu(), "W": W.float().cpu(),
+                            "b": None if b is None else b.float().cpu(),
+                            "features": _snapshot_features(model, eval_set, snap_idx, device, config.eval_batch_size),
+                            "labels": train_set.targets[snap_idx].clone()}
+                    _atomic_torch_save(path / "snapshots" / f"epoch_{epoch:04d}.pt", snap)
+                records.append(record)
+                timings.append({"epoch": epoch, "train_s_since_last": t_train,
+                                "measure_s": time.perf_counter() - t1, "world_size": world})
+                _atomic_write_jsonl(path / "metrics.jsonl", records)
+                _atomic_write_jsonl(path / "timings.jsonl", timings)
+                state = {"epoch": epoch, "model_info": model_info, "model": _plain_state(model),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(device)}
+                old = list((path / "checkpoints").glob("epoch_*.pt"))
+                _atomic_torch_save(path / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
+                if not config.keep_all_checkpoints:
+                    for f in old:
+                        if f.name != f"epoch_{epoch:04d}.pt":
+                            f.unlink(missing_ok=True)
+            else:
+                records.append(record)
+            t_train = 0.0
+            _barrier()
+    if bar is not None:
+        bar.close()
+    if stopped:
+        _barrier()
+        return RunResult(config, path, records, False)
+    if rank == 0:
+        _atomic_write_json(path / "done.json", {"epochs": config.epochs, "final": records[-1] if records else {},
+                                                "world_size": world})
+    _barrier()
+    return RunResult(config, path, records, True)
+
+
+def _plain_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict (SyncBatchNorm keeps BatchNorm's keys: loadable by a plain model)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def load_config(spec: str) -> TrainConfig:
+    """A TrainConfig from a JSON file path or an inline JSON object."""
+    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config must be a JSON object of TrainConfig fields (file or inline): {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError("config must be a JSON object of TrainConfig fields.")
+    return TrainConfig.from_dict(d)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m nc_lib.distributed",
+                                description="Data-parallel training of one nc_lib run.")
+    p.add_argument("--config", required=True, help="JSON file (or inline JSON) with TrainConfig fields")
+    p.add_argument("--runs-dir", default=None, help="the run store (default: $NC_RUNS_DIR or runs/)")
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument("--stop-after-epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU)")
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.runs_dir:
+        os.environ["NC_RUNS_DIR"] = str(a.runs_dir)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = load_config(a.config)
+    rank, world, _ = init_from_env(a.backend)
+    try:
+        res = train_distributed(config, progress=a.progress, stop_after_epochs=a.stop_after_epochs)
+        if rank == 0:
+            print(json.dumps({"path": str(res.path), "finished": res.finished, "world_size": world,
+                              "final": res.final}, default=str))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

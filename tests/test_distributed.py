@@ -1,0 +1,208 @@
+"""Data-parallel training and measurements reduced across ranks: two CPU processes on gloo."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp_mp
+
+from nc_lib import distributed as D
+from nc_lib.data import load_train_test, make_loader
+from nc_lib.metrics import CollapseAccumulator, measure_collapse
+from nc_lib.models import build_model
+from nc_lib.train import TrainConfig, load_run, measure, train
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS_GEOMETRY = ("within_class_variability", "equinorm_means", "equinorm_classifiers", "equiangularity_means",
+                 "equiangularity_classifiers", "max_angle_means", "max_angle_classifiers", "self_duality",
+                 "classifier_etf_distance", "means_etf_distance", "classifier_means_alignment", "bias_offset_norm",
+                 "wh_equinorm")
+KEYS_SAMPLE = ("train_loss", "train_accuracy", "test_loss", "accuracy_test", "ncc_accuracy_test", "ncc_mismatch_test",
+               "average_cosine_margin_test", "ncc_mismatch", "average_cosine_margin", "ncc_accuracy")
+
+
+def _setup(dtype: torch.dtype, sort_by_label: bool = False):
+    torch.manual_seed(0)
+    train_set, test_set = load_train_test("digits")
+    if sort_by_label:  # each rank's contiguous shard then misses whole classes
+        order = torch.argsort(train_set.targets, stable=True)
+        train_set.raw, train_set.targets = train_set.raw[order], train_set.targets[order]
+    model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=48, depth=2).to(dtype)
+    with torch.no_grad():  # a model away from initialisation: not a degenerate measurement
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    if dtype == torch.float64:
+        train_set.mean, train_set.std = train_set.mean.double(), train_set.std.double()
+        test_set.mean, test_set.std = test_set.mean.double(), test_set.std.double()
+    return model.eval(), train_set, test_set
+
+
+def _measure(dtype, sort_by_label, batch):
+    model, train_set, test_set = _setup(dtype, sort_by_label)
+    tr = D._loader(train_set, D.ShardBatchSampler(len(train_set), batch))
+    te = D._loader(test_set, D.ShardBatchSampler(len(test_set), batch))
+    res, _ = D.measure_distributed(model, tr, te, 10, torch.device("cpu"), train_sample_pass=True)
+    return res
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {"f64": _measure(torch.float64, False, 100), "f64_sorted": _measure(torch.float64, True, 64),
+               "f32": _measure(torch.float32, False, 128)}
+        # an accumulator that saw nothing on this rank still takes part in the reduction
+        acc = CollapseAccumulator(3)
+        if rank == 0:
+            g = torch.Generator().manual_seed(5)
+            acc.update(torch.randn(30, 4, dtype=torch.float64, generator=g), torch.arange(30) % 3)
+        D.reduce_accumulator(acc)
+        out["empty_rank_means"] = acc.means.tolist()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp_measure")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tmp_mp.spawn(_worker, args=(2, str(d / "init"), str(d)), nprocs=2, join=True)
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _close(a: dict, b: dict, keys, rtol: float, atol: float = 0.0) -> None:
+    for k in keys:
+        assert math.isclose(a[k], b[k], rel_tol=rtol, abs_tol=atol), (k, a[k], b[k])
+
+
+def test_reduced_measurements_equal_single_process_float64(reduced):
+    torch.set_num_threads(1)
+    for name, sort, batch in (("f64", False, 100), ("f64_sorted", True, 64)):
+        single = _measure(torch.float64, sort, 1000)  # one process, other batches
+        for rank in range(2):
+            got = reduced[rank][name]
+            assert set(got) == set(single)
+            _close(got, single, KEYS_GEOMETRY + KEYS_SAMPLE, rtol=1e-8, atol=1e-12)
+        # and the in-memory measurement of all the features at once agrees too
+        model, train_set, test_set = _setup(torch.float64, sort)
+        with torch.no_grad():
+            h, y = model.features(train_set.get_batch(range(len(train_set)))[0]), train_set.targets
+            ht, yt = model.features(test_set.get_batch(range(len(test_set)))[0]), test_set.targets
+        W, b = model.head.classifier()
+        ref = measure_collapse(h, y, 10, W, b, ht, yt)
+        _close(reduced[0][name], ref, KEYS_GEOMETRY + ("ncc_mismatch_test", "accuracy_test",
+                                                        "average_cosine_margin_test"), rtol=1e-8, atol=1e-12)
+
+
+def test_reduced_measurements_match_the_engine_float32(reduced):
+    torch.set_num_threads(1)
+    model, train_set, test_set = _setup(torch.float32)
+    eng, _ = measure(model, make_loader(train_set, 128), make_loader(test_set, 128), 10, torch.device("cpu"),
+                     train_sample_pass=True)
+    _close(reduced[0]["f32"], eng, KEYS_GEOMETRY + KEYS_SAMPLE, rtol=1e-5, atol=1e-7)
+    assert reduced[0]["f32"] == reduced[1]["f32"]  # every rank holds the same numbers
+
+
+def test_a_rank_without_samples_joins_the_reduction(reduced):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(30, 4, dtype=torch.float64, generator=g), torch.arange(30) % 3
+    acc = CollapseAccumulator(3)
+    acc.update(x, y)
+    for rank in range(2):
+        assert torch.allclose(torch.tensor(reduced[rank]["empty_rank_means"], dtype=torch.float64), acc.means,
+                              rtol=0, atol=1e-14)
+
+
+def test_samplers_partition_the_data():
+    n, B, world = 103, 20, 3
+    shards = [list(D.shard_range(n, r, world)) for r in range(world)]
+    assert sorted(sum(shards, [])) == list(range(n))
+    samplers = [D.DistributedEpochBatchSampler(n, B, seed=4, rank=r, world=world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(7)
+    per_rank = [list(s) for s in samplers]
+    assert all(len(p) == len(samplers[0].global_sizes()) == 6 for p in per_rank)
+    # the union of the ranks' slices is the engine's global batch, in the engine's order
+    g = torch.Generator().manual_seed(4 * 1_000_003 + 7)
+    order = torch.randperm(n, generator=g).tolist()
+    for i, size in enumerate(samplers[0].global_sizes()):
+        glued = sum((per_rank[r][i] for r in range(world)), [])
+        assert glued == order[i * B:i * B + size]
+    with pytest.raises(ValueError, match="batch_size"):
+        D.DistributedEpochBatchSampler(10, 2, rank=0, world=4)
+    # a last global batch smaller than the world is dropped
+    assert D.DistributedEpochBatchSampler(41, 20, rank=0, world=2).global_sizes() == [20, 20]
+
+
+def _torchrun(cfg_file: Path, runs: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NC_RUNS_DIR=str(runs), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "nc_lib.distributed", "--config", str(cfg_file), "--threads", "1", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+
+
+def test_ddp_training_with_torchrun_resumes_and_matches_single_process(tmp_path, monkeypatch):
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 2, "batch_norm": False},
+                      per_class=30, test_per_class=10, epochs=2, batch_size=64, lr=0.05, snapshot_per_class=2,
+                      device="cpu")
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps(cfg.to_dict()))
+    runs = tmp_path / "ddp"
+    first = _torchrun(f, runs, "--stop-after-epochs", "1")  # killed after one epoch ...
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (runs / "digits-mlp-{}".format(cfg.config_hash()) / "done.json").exists()
+    second = _torchrun(f, runs)  # ... and resumed from its checkpoint
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["finished"] and summary["world_size"] == 2
+
+    monkeypatch.setenv("NC_RUNS_DIR", str(runs))
+    ddp_run = load_run(cfg)
+    assert [r["epoch"] for r in ddp_run.history] == [1, 2]
+    env = json.loads((ddp_run.path / "env.json").read_text())
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    ddp_model = ddp_run.model()
+    # the same configuration in one process: the same numbers up to float32 rounding
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
+    single = train(cfg, progress=False)
+    for k in ("train_loss", "test_loss", "within_class_variability", "equinorm_means", "self_duality",
+              "train_loss_running"):
+        assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
+    for k in ("train_accuracy", "test_accuracy"):
+        assert abs(ddp_run.final[k] - single.final[k]) <= 1 / 100
+    for (name, a), b in zip(ddp_model.state_dict().items(), single.model().state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="lbfgs"):
+        D.train_distributed(TrainConfig(optimizer="lbfgs"))
+    with pytest.raises(ValueError, match="backend"):
+        D.init_from_env("mpi")
+    with pytest.raises(ValueError, match="config"):
+        D.load_config("[1, 2]")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        D.load_config('{"dataset": "digits", "nonsense": 1}')
+
+
+def test_one_process_entry_point_trains_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 16, "depth": 1}, per_class=10,
+                      test_per_class=5, epochs=1, batch_size=32, snapshot_per_class=1, device="cpu")
+    assert D.main(["--config", json.dumps(cfg.to_dict()), "--threads", "1"]) == 0
+    run = load_run(cfg)
+    assert run.finished and run.history[0]["epoch"] == 1 and (run.path / "snapshots" / "epoch_0001.pt").exists()

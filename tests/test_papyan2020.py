@@ -1,0 +1,199 @@
+"""Papyan, Han & Donoho 2020: the experiment grid, TPT onset, figure builders and Table 1."""
+import json
+import math
+
+import pytest
+import torch
+
+from nc_lib.papers import papyan2020 as P
+from nc_lib.train import PAPYAN_EPOCHS, PAPYAN_LRS, RunResult, papyan_measure_epochs, train
+
+
+# ---------------------------------------------------------------------------------------------- grid
+def test_paper_grid_has_the_21_runs_with_papyans_settings():
+    g = P.grid("paper")
+    assert len(g) == 21
+    assert set(ds for ds, _ in g) == {"mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet"}
+    for ds, nets in P.PAPER_NETWORKS.items():
+        assert sorted(net for d, net in g if d == ds) == sorted(nets)
+        assert sorted(P.family(n) for n in nets) == ["densenet", "resnet", "vgg"]
+    assert [n for d, n in g if d == "cifar100"] == ["vgg13", "resnet50", "densenet250"]
+    assert [n for d, n in g if d == "imagenet"] == ["vgg13", "resnet50", "densenet201"]
+    for (ds, net), c in g.items():
+        assert c.dataset == ds and c.model == net
+        assert c.optimizer == "sgd" and c.momentum == 0.9 and c.batch_size == 128
+        assert c.augment is False and c.random_labels is False and c.width == 1.0 and c.head == "linear"
+        assert c.lr == P.DEFAULT_LR == 0.0679
+        assert c.schedule == "multistep" and c.gamma == 0.1
+        if ds == "imagenet":
+            assert c.epochs == 300 and c.weight_decay == 1e-4 and c.milestones == (100, 200)
+            assert c.per_class == 600 and c.model_kwargs.get("stem", "imagenet") == "imagenet"
+            assert c.measure_epochs == papyan_measure_epochs(300)
+        else:
+            assert c.epochs == 350 and c.weight_decay == 5e-4 and c.milestones == (116, 233)
+            assert c.measure_epochs == PAPYAN_EPOCHS and len(c.measure_epochs) == 50
+    assert g[("mnist", "vgg11")].per_class == 5000
+    assert g[("svhn", "resnet18")].per_class == 4600
+    assert g[("cifar10", "vgg13")].per_class is None
+    assert g[("mnist", "resnet18")].model_kwargs == {"stem": "cifar"}
+    # one run directory per run
+    assert len({c.config_hash() for c in g.values()}) == 21
+
+
+def test_paper_grid_takes_swept_learning_rates_and_overrides():
+    lr = PAPYAN_LRS[17]
+    g = P.grid("paper", lrs={("cifar10", "resnet18"): lr}, datasets=["cifar10"], device="cpu")
+    assert len(g) == 3
+    assert g[("cifar10", "resnet18")].lr == lr and g[("cifar10", "vgg13")].lr == P.DEFAULT_LR
+    assert all(c.device == "cpu" for c in g.values())
+
+
+def test_quick_grid_builds_and_is_offline():
+    g = P.grid("quick")
+    assert set(ds for ds, _ in g) == {"digits", "mnist1d"}
+    assert {P.family(n) for _, n in g} == {"mlp", "vgg", "resnet", "densenet"}
+    assert len(g) == 8
+    for c in g.values():
+        assert c.epochs == P.QUICK_EPOCHS and c.momentum == 0.9 and c.weight_decay == 5e-4 and c.batch_size == 128
+        assert c.snapshot_per_class > 0
+        assert c.measure_epochs == papyan_measure_epochs(P.QUICK_EPOCHS)
+    short = P.grid("quick", epochs=6, datasets=["digits"])
+    assert len(short) == 4 and all(c.epochs == 6 and c.milestones == (2, 4) for c in short.values())
+
+
+def test_bad_input_names_the_parameter():
+    with pytest.raises(ValueError, match="scale"):
+        P.grid("huge")
+    with pytest.raises(ValueError, match="datasets"):
+        P.grid("paper", datasets=["digits"])
+    with pytest.raises(ValueError, match="fig2"):
+        P.figure(_fake_results(), [])
+    with pytest.raises(ValueError, match="family"):
+        P.family("transformer")
+
+
+# ---------------------------------------------------------------------------------------------- TPT onset
+def test_terminal_phase_onset():
+    h = [{"epoch": 1, "train_accuracy": 0.5}, {"epoch": 3, "train_accuracy": 0.997},
+         {"epoch": 7, "train_accuracy": 1.0}, {"epoch": 9, "train_accuracy": 1.0}]
+    assert P.terminal_phase_onset(h, "cifar10") == 7
+    assert P.terminal_phase_onset(h, "imagenet") == 3  # 99.6% counts on ImageNet
+    assert P.terminal_phase_onset(h[:2], "mnist") is None
+    assert P.tpt_threshold("ImageNet") == 0.996 and P.tpt_threshold("svhn") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def _history(epochs, onset, seed):
+    g = torch.Generator().manual_seed(seed)
+    recs = []
+    for e in epochs:
+        decay = math.exp(-e / 5)
+        rec = {"epoch": e, "train_accuracy": 1.0 if e >= onset else 0.9, "test_accuracy": 0.8 + 0.01 * e / max(epochs)}
+        for k in ("equinorm_means", "equinorm_classifiers", "equiangularity_means", "equiangularity_classifiers",
+                  "max_angle_means", "max_angle_classifiers", "self_duality", "within_class_variability",
+                  "ncc_mismatch_test"):
+            rec[k] = decay * (1 + 0.1 * float(torch.rand(1, generator=g)))
+        rec["train_error"] = 1 - rec["train_accuracy"]
+        rec["test_error"] = 1 - rec["test_accuracy"]
+        recs.append(rec)
+    return recs
+
+
+def _fake_results(tmp_path=None):
+    cfgs = P.grid("quick", epochs=12)
+    onsets = {"mlp": 3, "vgg11": 5, "resnet18": 4, "densenet40": 99}
+    out = {}
+    for i, ((ds, net), c) in enumerate(cfgs.items()):
+        path = (tmp_path / f"{ds}-{net}") if tmp_path is not None else P.run_dir(c)
+        if tmp_path is not None:
+            path.mkdir()
+            (path / P.ROBUSTNESS_FILE).write_text("".join(
+                json.dumps({"epoch": e, "robustness": 0.1 * e}) + "\n" for e in (1, 6, 12)))
+        out[(ds, net)] = RunResult(c, path, _history(c.measurement_epochs(), onsets[net], i), True)
+    return out
+
+
+def _curves(fig, label):
+    return [t for t in fig.data if t.name == label and t.x is not None and len(t.x) and t.x[0] is not None]
+
+
+@pytest.mark.parametrize("fig_id", ["fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8"])
+def test_figure_layout_panel_per_dataset_curve_per_network(fig_id, tmp_path):
+    results = _fake_results(tmp_path)
+    fig = P.figure(results, fig_id)
+    rows = len(P.FIGURES[fig_id]["keys"])
+    # a panel per (measurement, dataset): 2 datasets
+    titles = [a.text for a in fig.layout.annotations if a.text]
+    assert any(t.startswith("digits") for t in titles) and any(t.startswith("MNIST-1D") for t in titles)
+    xaxes = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
+    assert len(xaxes) == 2 * rows
+    for label in ("MLP", "VGG", "ResNet", "DenseNet"):
+        assert len(_curves(fig, label)) == 2 * rows, (fig_id, label)
+    # TPT onsets: dashed vertical lines at the onsets of the networks that reached zero train error
+    xs = sorted({s.x0 for s in fig.layout.shapes})
+    assert xs == [3, 4, 5]
+    assert len(fig.layout.shapes) == 3 * 2 * rows
+    if fig_id == "fig6":
+        assert fig.layout.yaxis.type == "log"
+    if fig_id == "fig8":
+        curve = _curves(fig, "VGG")[0]
+        assert list(curve.x) == [1, 6, 12] and list(curve.y) == pytest.approx([0.1, 0.6, 1.2])
+
+
+def test_figure_of_any_keys_and_rows(tmp_path):
+    fig = P.figure(_fake_results(tmp_path), ["train_error", "test_error"], mark_tpt=False)
+    assert len(_curves(fig, "ResNet")) == 4 and not fig.layout.shapes
+
+
+def test_table1_rows(tmp_path):
+    results = _fake_results(tmp_path)
+    rows = P.table1(results)
+    assert len(rows) == 8
+    assert set(rows[0]) == {"dataset", "network", "tpt_onset_epoch", "test_accuracy_at_zero_train_error",
+                            "last_epoch", "test_accuracy_at_last_epoch"}
+    by = {(r["dataset"], r["network"]): r for r in rows}
+    r = by[("digits (8x8)", "VGG11")]
+    hist = results[("digits", "vgg11")].history
+    assert r["tpt_onset_epoch"] == 5 and r["last_epoch"] == 12
+    assert r["test_accuracy_at_zero_train_error"] == next(h["test_accuracy"] for h in hist if h["epoch"] == 5)
+    assert r["test_accuracy_at_last_epoch"] == hist[-1]["test_accuracy"]
+    nd = by[("MNIST-1D", "DenseNet40")]
+    assert nd["tpt_onset_epoch"] is None and nd["test_accuracy_at_zero_train_error"] is None
+
+
+def test_robustness_epochs():
+    c = P.grid("quick", epochs=30)[("digits", "mlp")]
+    eps = c.measurement_epochs()
+    assert P.robustness_epochs(c) == eps
+    few = P.robustness_epochs(c, 4)
+    assert len(few) == 4 and few[0] == eps[0] and few[-1] == 30 and set(few) <= set(eps)
+
+
+# ---------------------------------------------------------------------------------------------- a real tiny run
+def test_tiny_real_run_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
+    g = P.grid("quick", epochs=3, datasets=["digits"], device="cpu")
+    g = {k: c for k, c in g.items() if k[1] == "mlp"}
+    results = P.run_grid(g, progress=False, robustness_points=2, n_images=20)
+    res = results[("digits", "mlp")]
+    assert res.finished and [r["epoch"] for r in res.history] == [1, 2, 3]
+    rob = P.read_robustness(res)
+    assert [r["epoch"] for r in rob] == [1, 3] and all(r["robustness"] > 0 for r in rob)
+    # the run is loaded, not retrained; the robustness file is reused
+    again = P.run_grid(g, progress=False, robustness_points=2, n_images=20)
+    assert again[("digits", "mlp")].history == res.history
+    fig = P.figure(results, "fig8")
+    assert len(_curves(fig, "MLP")) == 1
+    anim = P.collapse_animation(res)
+    assert len(anim.frames) == 3 and [f.name for f in anim.frames] == ["1", "2", "3"]
+    rows = P.table1(results)
+    assert rows[0]["last_epoch"] == 3 and 0 <= rows[0]["test_accuracy_at_last_epoch"] <= 1
+
+
+def test_measure_robustness_from_kept_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
+    c = P.grid("quick", epochs=2, datasets=["digits"], device="cpu")[("digits", "mlp")]
+    res = train(c.replace(keep_all_checkpoints=True), progress=False)
+    assert P.read_robustness(res) == []
+    recs = P.measure_robustness(res, n_images=10)
+    assert [r["epoch"] for r in recs] == [1, 2]
