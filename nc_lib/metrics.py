@@ -183,12 +183,32 @@ def geometry(means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | N
     return out
 
 
-def _between_class_basis(centred_means: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD Mdot = Uc S Vh restricted to its numerical rank (<= C-1): returns (Uc_r, S_r, Vh_r)."""
-    Uc, S, Vh = torch.linalg.svd(centred_means, full_matrices=False)
-    tol = S.max() * max(centred_means.shape) * torch.finfo(S.dtype).eps
-    r = int((S > tol).sum()) if rank is None else rank
-    return Uc[:, :r], S[:r], Vh[:r]
+def between_class_gram_pinv(centred_means: Tensor) -> Tensor:
+    """G^+ for the C x C Gram G = Mdot Mdot^T of the centred means (rank C-1).
+
+    Tr(Sigma_W Sigma_B^+)/C = (1/N) sum_i ||G^+ Mdot (h_i - mu_{y_i})||^2, because with the thin SVD
+    Mdot = Uc S Vh we have Vh^T S^-2 Vh = Mdot^T (G^+)^2 Mdot. G's null vector q is known (the
+    centred means sum to zero: q = 1/sqrt(C) for the mean-of-class-means convention), so
+    G^+ = (G + a q q^T)^-1 - q q^T/a with a = tr(G)/C, one Cholesky of a C x C matrix. If the
+    means span fewer than C-1 dimensions (d < C-1, or degenerate means) it falls back to the
+    eigendecomposition of G with the numerical rank."""
+    G = centred_means @ centred_means.T
+    C = G.shape[0]
+    row_sum = centred_means.sum(0).norm()
+    if row_sum <= 1e-10 * centred_means.norm() + 1e-300:
+        q = torch.full((C, 1), C ** -0.5, dtype=G.dtype, device=G.device)
+        a = torch.diagonal(G).sum() / C
+        L, info = torch.linalg.cholesky_ex(G + a * (q @ q.T))
+        if int(info) == 0:
+            K = torch.cholesky_inverse(L)
+            # reject a numerically singular factor (degenerate means): fall back to the eigendecomposition
+            if bool(torch.isfinite(K).all()) and float(torch.diagonal(L).min() ** 2) > float(torch.diagonal(L).max() ** 2) * C * 1e-13:
+                return K - (q @ q.T) / a
+    evals, evecs = torch.linalg.eigh(G)
+    tol = evals.max().clamp_min(0) * max(centred_means.shape) * torch.finfo(evals.dtype).eps * 10
+    keep = evals > tol
+    U = evecs[:, keep]
+    return (U / evals[keep]) @ U.T
 
 
 # --------------------------------------------------------------------------- per-sample pass
@@ -223,9 +243,8 @@ class SampleAccumulator:
         self._K = torch.cat(rows, 0)  # (C or 2C) x p
         self.within_class = within_class
         if within_class:
-            Uc, S, _ = _between_class_basis(Mdot)
-            # residual projection r^T Mdot^T Uc_r S_r^-2 = S_r^-1 Vh_r r
-            self._nc1_map = Uc / S.pow(2)  # C x r
+            # ||S_r^-1 Vh_r r||^2 = ||G^+ Mdot r||^2 (see between_class_gram_pinv)
+            self._nc1_map = between_class_gram_pinv(Mdot)  # C x C
             self._nc1_offsets = Mdot @ Mdot.T  # row y: Mdot_y . Mdot_c
         self.n = 0
         self.ncc_agree = 0
@@ -368,7 +387,7 @@ class CollapseAccumulator:
     A = sum_i (h_i - k_{y_i})(h_i - k_{y_i})^T (p x p). Then the pooled within-class scatter is
     N Sigma_W = A - sum_c d_c d_c^T / n_c, well conditioned because the shift is close to the mean.
     :meth:`result` projects it on the (C-1)-dim between-class subspace:
-    Tr(Sigma_W Sigma_B^+)/C = (1/N) Tr(S_r^-2 Vh_r (N Sigma_W) Vh_r^T).
+    Tr(Sigma_W Sigma_B^+)/C = (1/N) Tr(G^+ Mdot (N Sigma_W) Mdot^T G^+), G = Mdot Mdot^T (C x C).
     """
 
     def __init__(self, num_classes: int, *, mean_convention: str = "class_means") -> None:
@@ -427,7 +446,7 @@ class CollapseAccumulator:
         return global_mean(self.means, self.counts, self.mean_convention)
 
     def within_class_scatter_projected(self, basis: Tensor) -> Tensor:
-        """B (N Sigma_W) B^T for a (r x p) basis B, in O(p^2 r)."""
+        """B (N Sigma_W) B^T for an (r x p) matrix B, in O(p^2 r)."""
         dbar = self.shifted_sums / self.counts[:, None].to(torch.float64)
         AB = self.scatter @ basis.T  # p x r
         DB = self.shifted_sums @ basis.T  # C x r
@@ -438,9 +457,10 @@ class CollapseAccumulator:
         means, mu_G = self.means, self.global_mean
         W, b = _check_classifier(W, b, self.num_classes, self.p)
         out = geometry(means, mu_G, W, b)
-        _, S, Vh = _between_class_basis(means - mu_G)
-        proj = self.within_class_scatter_projected(Vh)
-        out["within_class_variability"] = float((torch.diagonal(proj) / S.pow(2)).sum()) / self.n
+        Mdot = means - mu_G
+        Gp = between_class_gram_pinv(Mdot)
+        proj = self.within_class_scatter_projected(Mdot)  # Mdot (N Sigma_W) Mdot^T, C x C
+        out["within_class_variability"] = float(torch.trace(Gp @ proj @ Gp)) / self.n
         return out
 
     def sample_pass(self, W: Tensor | None = None, b: Tensor | None = None, *,
