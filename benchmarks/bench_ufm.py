@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -84,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": torch.get_num_threads(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"load average (1, 5, 15 min): {meta['load_average_1_5_15min']} on {os.cpu_count()} cores")
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0

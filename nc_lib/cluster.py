@@ -438,7 +438,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
         measure_s = eval_s * ceil((N_train [x2 with train_sample_pass] + N_test) / eval_batch_size)
         total_s   = epochs * epoch_s + len(measurement_epochs) * measure_s
     """
-    from .train import _build, _make_optimizer, resolve_device
+    from .train import _autocast, _build, _make_optimizer, resolve_device
 
     steps = check_int("steps", steps, 1)
     dev = resolve_device(config.device) if device is None else torch.device(device)
@@ -451,12 +451,14 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     x = torch.randn((B, *shape), generator=g).to(dev)
     y = torch.randint(0, C, (B,), generator=g).to(dev)
     needs_labels = bool(getattr(model.head, "needs_labels", False))
+    amp = config.amp and dev.type == "cuda" and config.optimizer != "lbfgs"
 
     def step() -> None:
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            h = model.body(x)
-            loss = ce(model.head(h, y) if needs_labels else model.head(h), y)
+            with _autocast(dev, amp):
+                h = model.body(x)
+                loss = ce((model.head(h, y) if needs_labels else model.head(h)).float(), y)
             loss.backward()
             return loss
         if config.optimizer == "lbfgs":
@@ -481,7 +483,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     model.eval()
     EB = min(config.eval_batch_size, n_train)
     xe = torch.randn((EB, *shape), generator=g).to(dev)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(dev, amp):
         model(xe)
         sync()
         t0 = time.perf_counter()
@@ -523,7 +525,11 @@ def dry_run(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, steps
                                      c.dataset_kwargs, c.batch_size, c.eval_batch_size, c.optimizer, c.amp,
                                      c.per_class, c.test_per_class, c.train_sample_pass], sort_keys=True, default=str)
             if timing_key not in cache:
+                t0 = time.perf_counter()
                 cache[timing_key] = time_config(c.replace(epochs=1, measure_epochs=None), steps=steps, device=device)
+                print(f"timed {len(cache)}: {c.dataset} {c.model} batch {c.batch_size}: "
+                      f"{cache[timing_key]['epoch_s']:.4g} s/epoch ({time.perf_counter() - t0:.1f} s)",
+                      file=sys.stderr, flush=True)
             t = dict(cache[timing_key])
             n_measure = len(c.measurement_epochs())
             total = c.epochs * t["epoch_s"] + n_measure * t["measure_s"]

@@ -501,7 +501,7 @@ def _plain_state(model: nn.Module) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------------------
 def load_config(spec: str) -> TrainConfig:
     """A TrainConfig from a JSON file path or an inline JSON object."""
-    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text()
+    text = spec if spec.lstrip()[:1] in ("{", "[") else Path(spec).read_text()
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

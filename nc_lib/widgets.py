@@ -1,4 +1,4 @@
-"""Classroom widgets: the UFM explorer.
+"""Classroom widgets: the UFM explorer and the simplex-ETF explorer.
 
 :class:`UFMExplorer` lets a student choose C, d, n, the loss, the optimiser, the learning rate,
 the three weight decays and the number of steps, press **Train**, watch the objective and the
@@ -16,7 +16,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from . import ufm
+import torch
+from torch import Tensor
+
+from . import plots, ufm
+from .etf import simplex_etf
 from .plots import collapse_animation, live_metrics_figure, plot_metric_curves, update_live_figure
 
 #: Keys plotted live and in the final curves.
@@ -174,3 +178,47 @@ def ufm_explorer(run: bool = True, display: bool = True, **defaults: Any) -> UFM
     if run:
         ex.run()
     return ex
+
+
+class EtfExplorer:
+    """Classroom widget: a C slider (2..8), a toggle for random class means, live measurements.
+
+    ``figure()`` returns the figure at the current values; headless, ``EtfExplorer().figure()`` is
+    the figure at the defaults.
+    """
+
+    def __init__(self, C: int = 4, max_C: int = 8, random_means: bool = False, seed: int = 0) -> None:
+        import ipywidgets as W
+
+        self.seed = seed
+        self.slider = W.IntSlider(value=C, min=2, max=max_C, description="C", continuous_update=False)
+        self.random = W.Checkbox(value=random_means, description="random class means instead of an ETF")
+        self.readout = W.HTML()
+        self.output = W.Output()
+        self.slider.observe(self._redraw, names="value")
+        self.random.observe(self._redraw, names="value")
+        self.widget = W.VBox([W.HBox([self.slider, self.random]), self.readout, self.output])
+        self.redraws = 0
+        self._redraw()
+
+    def means(self) -> Tensor:
+        C = self.slider.value
+        if self.random.value:
+            g = torch.Generator().manual_seed(self.seed + C)
+            return torch.randn(C, C, generator=g, dtype=torch.float64)
+        return 0.8 * simplex_etf(C)
+
+    def figure(self) -> go.Figure:
+        return plots.etf_figure(self.slider.value, means=self.means(), features_per_class=12)
+
+    def _redraw(self, *_: Any) -> None:
+        rows = plots.etf_measurements(self.means() - self.means().mean(0))
+        self.readout.value = ("<b>class means:</b> " + ", ".join(f"{k} = {v:.3g}" for k, v in rows.items())
+                              + " &nbsp; (all 0 for a simplex ETF)")
+        _set_output_figure(self.output, self.figure())
+        self.redraws += 1
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

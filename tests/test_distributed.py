@@ -163,16 +163,19 @@ def test_ddp_training_with_torchrun_resumes_and_matches_single_process(tmp_path,
     first = _torchrun(f, runs, "--stop-after-epochs", "1")  # killed after one epoch ...
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (runs / "digits-mlp-{}".format(cfg.config_hash()) / "done.json").exists()
-    second = _torchrun(f, runs)  # ... and resumed from its checkpoint
-    assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout.strip().splitlines()[-1])
-    assert summary["finished"] and summary["world_size"] == 2
-
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert not summary["finished"] and summary["world_size"] == 2
+    env = json.loads((runs / "digits-mlp-{}".format(cfg.config_hash()) / "env.json").read_text())
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    # ... and resumed from its checkpoint, here by the same entry point in one process
     monkeypatch.setenv("NC_RUNS_DIR", str(runs))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    stamp = (runs / "digits-mlp-{}".format(cfg.config_hash()) / "snapshots" / "epoch_0001.pt").stat().st_mtime_ns
+    assert D.main(["--config", str(f), "--threads", "1"]) == 0
     ddp_run = load_run(cfg)
     assert [r["epoch"] for r in ddp_run.history] == [1, 2]
-    env = json.loads((ddp_run.path / "env.json").read_text())
-    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    assert (ddp_run.path / "snapshots" / "epoch_0001.pt").stat().st_mtime_ns == stamp  # resumed, not redone
     ddp_model = ddp_run.model()
     # the same configuration in one process: the same numbers up to float32 rounding
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))

@@ -126,3 +126,33 @@ def test_simplex_etf_notebook_slider_redraws_the_plot(lab, shoot_on_failure):
     after = explorer.locator(".gtitle").first.text_content()
     assert after != before
     _shot(lab, "00_after_slider")
+
+
+def test_ufm_explorer_trains_live_and_the_animation_plays(lab, shoot_on_failure):
+    from playwright.sync_api import expect
+
+    page = lab["page"]
+    _open_and_run_all(page, lab["url"], "01_unconstrained_features.ipynb", timeout_s=600)
+    train = page.locator("button:has-text('Train')").last
+    train.scroll_into_view_if_needed()
+    explorer = train.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')][1]")
+    live = explorer.locator(".js-plotly-plot").first
+    expect(live).to_be_visible(timeout=60_000)
+    _shot(lab, "01_explorer_before_train")
+
+    def line_points() -> int:  # points drawn in the live figure's curves
+        return int(live.evaluate("el => (el.data || []).reduce((n, t) => n + ((t.x && t.x.length) || 0), 0)"))
+
+    before = line_points()
+    train.click()
+    expect(explorer.locator("text=Done in")).to_be_visible(timeout=300_000)
+    assert line_points() != before, "the live figure did not update while training"
+    _shot(lab, "01_explorer_after_train")
+    animation = explorer.locator(".js-plotly-plot").last
+    animation.scroll_into_view_if_needed()
+    frame_of = "el => el._fullLayout.sliders && el._fullLayout.sliders.length ? el._fullLayout.sliders[0].active : -1"
+    start = animation.evaluate(frame_of)
+    animation.locator(".updatemenu-button").first.click()  # Play
+    page.wait_for_timeout(3000)
+    assert animation.evaluate(frame_of) != start, "pressing Play did not advance the animation"
+    _shot(lab, "01_animation_playing")

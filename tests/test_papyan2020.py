@@ -197,3 +197,31 @@ def test_measure_robustness_from_kept_checkpoints(tmp_path, monkeypatch):
     assert P.read_robustness(res) == []
     recs = P.measure_robustness(res, n_images=10)
     assert [r["epoch"] for r in recs] == [1, 2]
+
+
+def test_notebook_exercise_solutions_run(tmp_path, monkeypatch):
+    """The solutions in the notebook's collapsed <details> block run and give what they say."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / "03_terminal_phase.ipynb").read_text())
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown" and "<details>" in "".join(c["source"]))
+    blocks = [re.sub(r"^ {3}", "", b, flags=re.M) for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
+    assert len(blocks) == 3
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    # exercise 1 retrains the digits grid: keep only its MLP here, for speed
+    from types import SimpleNamespace
+
+    shim = SimpleNamespace(**{k: getattr(P, k) for k in dir(P) if not k.startswith("__")})
+    shim.grid = lambda *a, **kw: {k: c for k, c in P.grid(*a, **kw).items() if k[1] == "mlp"}
+    ns = {"papyan2020": shim, "scale": "quick", "epochs": 2, "results": _fake_results(fake_dir)}
+    exec(blocks[0], ns)
+    assert len(ns["res0"]) == 1 and all(r.config.weight_decay == 0.0 for r in ns["res0"].values())
+    assert ns["res0"][("digits", "mlp")].final["epoch"] == 2
+    exec(blocks[1], ns)
+    h = ns["h"]
+    assert (P.terminal_phase_onset(h, "imagenet"), P.terminal_phase_onset(h, "cifar10")) == (2, None)
+    exec(blocks[2], ns)
+    assert ns["better"] + ns["worse"] <= len(ns["changes"]) == 6

@@ -32,7 +32,7 @@ ResNet18), ImageNet ResNet50, CIFAR10 VGG13; 200 epochs, batch 256, tau 5 (the h
 not offer; we use SGD (lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 100 and 150) and
 say so. The engine draws ordinary shuffled batches (no stratified sampler option): with
 batch 256 >= C every class is almost surely present for C = 10; the mean tracker keeps the last
-column of an absent class. Quick scale: digits (MLP) and MNIST-1D (MLP), 24 epochs, batch 128.
+column of an absent class. Quick scale: digits (MLP) and MNIST-1D (MLP), 12 epochs, batch 128, 2 seeds.
 
 Cost (:func:`measure_cost`): forward and backward wall time per step of each head on a fixed body,
 and memory (:func:`measure_memory`): bytes of the tensors autograd saves for the backward of one step
@@ -302,8 +302,9 @@ def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
     ``epochs``, ``batch_size``, ``seeds``, ``methods``, ``report_epochs`` (the paper's 50 and 200, or the
     proportional epochs at quick scale), ``config`` (TrainConfig keywords) and ``stands_for``.
 
-    quick: digits (MLP) stands for CIFAR10/STL10/VGG13, MNIST-1D (MLP) for CIFAR100 and ImageNet;
-    24 epochs (report epochs 6 and 24 = 50/200 and 200/200 of the run), batch 128, 2 seeds.
+    quick: digits (MLP) stands for CIFAR10/STL10/VGG13, MNIST-1D (MLP, 150 per class) for CIFAR100 and ImageNet
+    (a deeper MLP, depth 4, for ImageNet ResNet50 and VGG13, depth 2 otherwise, width 128);
+    12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds.
     """
     _check_scale(scale)
     if scale == "paper":
@@ -317,23 +318,26 @@ def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
                 "vgg13": ("cifar10", "vgg13", "CIFAR10 VGG13")}
         measure = tuple(range(5, 201, 5))
     else:
-        common = dict(epochs=24, batch_size=128, seeds=(0, 1), report_epochs=(6, 24), optimizer="sgd", lr=0.05,
-                      momentum=0.9, weight_decay=5e-4, schedule="multistep", milestones=(12, 18), augment=False)
+        common = dict(epochs=12, batch_size=128, seeds=(0, 1), report_epochs=(3, 12), optimizer="sgd", lr=0.05,
+                      momentum=0.9, weight_decay=5e-4, schedule="multistep", milestones=(6, 9), augment=False)
         spec = {"fig4": ("mnist1d", "mlp", "ImageNet ResNet50"),
                 "cifar10_resnet18": ("digits", "mlp", "CIFAR10 ResNet18"),
                 "cifar100_resnet50": ("mnist1d", "mlp", "CIFAR100 ResNet50"),
                 "stl10": ("digits", "mlp", "STL10"),
                 "vgg13": ("digits", "mlp", "VGG13")}
-        measure = (3, 6, 9, 12, 15, 18, 21, 24)
+        measure = (1, 3, 6, 9, 12)
     out = {}
     for key, (ds, net, stands) in spec.items():
         kw = {k: common[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                                      "schedule", "milestones", "augment")}
         kw.update(dataset=ds, model=net, measure_epochs=measure, train_sample_pass=True)
-        if scale == "quick" and key == "stl10":
-            kw["data_seed"] = 1  # a different class-balanced subsample, so the stand-ins are not identical runs
-        if scale == "quick" and key == "vgg13":
-            kw["model_kwargs"] = {"hidden": [256, 256, 256]}
+        if scale == "quick":
+            # small MLPs (feature dim 128 >= C); MNIST-1D subsampled to 150 per class to fit the time budget
+            kw["model_kwargs"] = {"hidden": 128, "depth": 4 if key in ("vgg13", "fig4") else 2}
+            if ds == "mnist1d":
+                kw["per_class"] = 150
+            if key == "stl10":
+                kw["data_seed"] = 1  # another split/order of digits, so the stand-ins are not identical runs
         out[key] = {"dataset": ds, "model": net, "stands_for": stands, "config": kw, "seeds": common["seeds"],
                     "methods": MAIN_METHODS, "report_epochs": common["report_epochs"], "epochs": common["epochs"]}
     return out
@@ -377,8 +381,11 @@ def _final_pcm(result: Any, entry: dict[str, Any], method: str) -> np.ndarray:
     """Sorted per-sample cosine margins of the trained model on its (un-augmented) training set."""
     from ..data import load_train_test, make_loader
 
-    cfg = result.config if hasattr(result, "config") else None
-    train_set, _ = load_train_test(entry["dataset"], **({"seed": cfg.data_seed} if cfg is not None else {}))
+    cfg = result.config
+    train_set, _ = load_train_test(
+        cfg.dataset, root=cfg.data_root, per_class=cfg.per_class, test_per_class=cfg.test_per_class,
+        seed=cfg.data_seed, augment=False, random_labels=cfg.random_labels,
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.dataset_kwargs.items()})
     model = result.model()
     model.eval()
     feats, ys = [], []
@@ -415,7 +422,7 @@ def figure_panels(results: dict[str, list[dict[str, Any]]], *, methods: Sequence
     cols = 3
     rows = math.ceil(n / cols)
     titles = [{**PANELS, "accuracy": "train top-1", "accuracy_test": "test top-1"}[k] for k in order]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=0.12)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=0.18)
     # copy the curves of plot_metric_curves into our layout (keys in its order -> our position)
     axis_of = {}
     for i, k in enumerate(keys):
@@ -438,7 +445,7 @@ def figure_panels(results: dict[str, list[dict[str, Any]]], *, methods: Sequence
             continue
         P = np.stack(pcms)
         xs = np.arange(P.shape[1])
-        col = colour(list(LABELS).index(m))
+        col = colour(j)  # plot_metric_curves colours labels in order
         fig.add_trace(go.Scatter(x=xs, y=np.median(P, 0), mode="lines", line=dict(color=col), name=LABELS[m],
                                  legendgroup=LABELS[m], showlegend=False), row=pr, col=pc)
         if P.shape[0] > 1:
@@ -703,11 +710,13 @@ def memory_table(memories: dict[str, dict[str, dict[str, float]]]) -> list[dict[
 
 # =========================================================================== the solver, for teaching
 def solver_convergence(num_classes: int = 5, feature_dim: int = 8, *, delta: float = 1e-3, max_iter: int = 12,
-                       seed: int = 0) -> dict[str, Any]:
+                       perturbation: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """The Riemannian trust-region solver against the closed form on a random problem.
 
-    Hbar random (d x C, unit norm), U_prox a random point of the Stiefel manifold (the warm start), Z = Hbar Mt +
-    (delta/2) U_prox; for k = 0..max_iter the solver's iterate after k iterations (started at U_prox) and
+    Hbar random (d x C, centred, unit norm); U_prox the previous step's solution, simulated as the nearest ETF
+    of Hbar + perturbation * noise (as in training, where the means move a little per step; a large
+    perturbation is a far start); Z = Hbar Mt + (delta/2) U_prox; for k = 0..max_iter the solver's iterate after
+    k iterations (warm-started at U_prox, as the paper) and
     ``dist[k] = ||U_k - polar(Z)||_F`` and ``gap[k] = <Z, polar(Z)> - <Z, U_k>`` (>= 0: the objective gap, the
     closed form maximises <Z, U>); also the singular values of Z (the smallest is ~delta/2: why delta)."""
     from ..nearest_etf import apply_mt, polar_factor, riemannian_polar
@@ -720,7 +729,10 @@ def solver_convergence(num_classes: int = 5, feature_dim: int = 8, *, delta: flo
     Hb = torch.randn(d, C, generator=g, dtype=torch.float64)
     Hb = Hb - Hb.mean(1, keepdim=True)
     Hb = Hb / Hb.norm()
-    U0, _ = torch.linalg.qr(torch.randn(d, C, generator=g, dtype=torch.float64))
+    if perturbation < 0:
+        raise ValueError(f"perturbation must be >= 0; got {perturbation}.")
+    P = Hb + perturbation * torch.randn(d, C, generator=g, dtype=torch.float64)
+    U0, _, _ = polar_factor(apply_mt(P) + 1e-3 * torch.eye(d, C, dtype=torch.float64), "svd")
     Z = apply_mt(Hb) + delta / 2 * U0
     U_star, _, _ = polar_factor(Z, "svd")
     best = float((Z * U_star).sum())
@@ -733,7 +745,7 @@ def solver_convergence(num_classes: int = 5, feature_dim: int = 8, *, delta: flo
     sv = torch.linalg.svdvals(Z)
     sv0 = torch.linalg.svdvals(apply_mt(Hb))
     return {"iterations": iters, "dist": dist, "gap": gap, "singular_values": sv.tolist(),
-            "singular_values_delta0": sv0.tolist(), "delta": delta, "C": C, "d": d}
+            "singular_values_delta0": sv0.tolist(), "delta": delta, "C": C, "d": d, "perturbation": perturbation}
 
 
 def figure_solver_convergence(conv: dict[str, Any]) -> go.Figure:

@@ -23,7 +23,7 @@ Grid
   except on ImageNet (ImageNet stem); DenseNet201 keeps its ImageNet stem (STL10's 96x96 images).
 - ``quick``: offline data (scikit-learn digits, 8x8, all 1497 training and 300 test images;
   MNIST-1D, 100 training and 50 test signals per class) and tiny networks (an MLP 3 x 128, VGG11
-  at width 1/8, lr 0.05; ResNet18 at width 1/8 and DenseNet-BC-40 at width 1/2, lr 0.1: hand-picked,
+  at width 1/8, lr 0.05; ResNet18 at width 1/8 and DenseNet-BC-40 at width 1/4, lr 0.1: hand-picked,
   no sweep), the same protocol shortened to :data:`QUICK_EPOCHS` epochs.
 
 Measurements
@@ -89,7 +89,7 @@ QUICK_NETWORKS: dict[str, tuple[float, dict[str, Any], float]] = {
     "mlp": (1.0, {"hidden": 128, "depth": 3}, 0.05),
     "vgg11": (0.125, {}, 0.05),
     "resnet18": (0.125, {}, 0.1),
-    "densenet40": (0.5, {"bc": True}, 0.1),
+    "densenet40": (0.25, {"bc": True}, 0.1),
 }
 QUICK_EPOCHS = 30
 
@@ -369,19 +369,21 @@ def figure(results: Mapping[Key, RunResult], key_or_keys: str | Sequence[str], *
     onsets: dict[tuple[str, str], int | None] = {}
     nets_per_ds: dict[str, list[str]] = {ds: [] for ds in datasets}
     with_rob = "robustness" in keys
-    for (ds, net), res in results.items():
+    for (ds, net), res in sorted(results.items(), key=lambda kv: FAMILIES.index(family(kv[0][1]))):
         label = FAMILY_NAMES[family(net)]
         nets_per_ds[ds].append(network_label(net))
         onsets[(ds, label)] = terminal_phase_onset(res.history, ds)
         for r in _records(res, with_rob):
             histories[label].append({"epoch": r["epoch"], **{f"{k}|{ds}": r[k] for k in keys if k in r}})
     pkeys = [f"{k}|{ds}" for k in keys for ds in datasets]
-    titles = {f"{k}|{ds}": (f"{DATASET_NAMES.get(ds, ds)}: {', '.join(nets_per_ds[ds])}" if i == 0 else "")
+    titles = {f"{k}|{ds}": (f"{DATASET_NAMES.get(ds, ds)}<br><sup>{', '.join(nets_per_ds[ds])}</sup>" if i == 0 else "")
               for i, k in enumerate(keys) for ds in datasets}
     n = len(datasets)
     fig = plot_metric_curves(histories, pkeys, x="epoch", log_y=log_y, titles=titles, cols=n, x_title="epoch",
                              colours=colours, band=False, width=min(1500, 330 * n + 160),
                              height=270 * len(keys) + 170)
+    # room for the legend above the two-line panel titles
+    fig.update_layout(legend=dict(y=1.0 + 0.45 / len(keys)), margin=dict(t=170))
     for i, rt in enumerate(row_titles):
         fig.update_yaxes(title_text=rt, row=i + 1, col=1, title_font=dict(size=11))
     if log_x:
@@ -486,6 +488,6 @@ def scale_note(scale: str) -> str:
                 "epochs); network depth per dataset is the likely assignment of REFERENCE section 3 (unconfirmed); "
                 f"lr {DEFAULT_LR} (the authors' Colab) unless a sweep result was given.")
     return (f"quick scale: offline data (sklearn digits 8x8; MNIST-1D, 100 train / 50 test per class) instead of the 7 "
-            f"image datasets; tiny MLP 3x128 / VGG11 (width 1/8) / ResNet18 (width 1/8) / DenseNet-BC-40 (width 1/2); "
+            f"image datasets; tiny MLP 3x128 / VGG11 (width 1/8) / ResNet18 (width 1/8) / DenseNet-BC-40 (width 1/4); "
             f"{QUICK_EPOCHS} epochs instead of 350 (lr x0.1 at 10 and 20); lr 0.05 (MLP, VGG) or 0.1 (ResNet, "
             f"DenseNet) picked by hand, no 25-value sweep; otherwise Papyan's protocol.")
