@@ -76,6 +76,9 @@ def lab(tmp_path_factory):
     print(f"\nJupyterLab screenshots: {root / 'screenshots'}")
 
 
+ACTIVE = "document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)')"
+
+
 def _open_and_run_all(page, url: str, name: str, timeout_s: float = 300) -> None:
     page.goto(f"{url}/lab/tree/{name}", wait_until="domcontentloaded")
     page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
@@ -84,12 +87,18 @@ def _open_and_run_all(page, url: str, name: str, timeout_s: float = 300) -> None
         page.click(".jp-Dialog .jp-mod-accept")
     except Exception:  # noqa: BLE001 - no dialog this time
         pass
-    # wait for the kernel to be ready, then Run > Run All Cells
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    # the kernel is ready when the status bar says so
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')].some(e => /\\| Idle/.test(e.textContent))",
+        timeout=120_000)
     page.click("text=Run", timeout=10_000)
     page.click("text=Run All Cells", timeout=10_000)
-    page.wait_for_timeout(2000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=int(timeout_s * 1000))
+    # done when every code cell of the visible notebook shows an execution count
+    page.wait_for_function(
+        f"() => {{ const p = {ACTIVE}; if (!p) return false;"
+        " const prompts = [...p.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];"
+        " return prompts.length > 0 && prompts.every(e => /\\[\\d+\\]/.test(e.textContent)); }",
+        timeout=int(timeout_s * 1000), polling=1000)
 
 
 def _shot(lab, name: str) -> Path:
