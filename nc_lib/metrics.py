@@ -64,6 +64,9 @@ PAPER_NAMES: dict[str, dict[str, str]] = {
     },
     "markou2024": {
         "NC1": "within_class_variability",
+        "ETF distance (W)": "classifier_nearest_etf_distance",
+        "ETF distance (H)": "means_nearest_etf_distance",
+        "ETF distance (W-ETF to H-ETF)": "classifier_means_etf_distance",
         "NC3": "classifier_means_alignment",
         "Average cosine margin": "average_cosine_margin",
         "WH-equinorm": "wh_equinorm",
@@ -152,6 +155,19 @@ def classifier_means_alignment(W: Tensor, centred_means: Tensor) -> float:
     """Zhu 2021's NC3: || W Mdot^T/||W Mdot^T||_F - (I - 11^T/C)/sqrt(C-1) ||_F."""
     A = W @ centred_means.T
     return float((A / A.norm() - etf.etf_gram(W.shape[0], dtype=A.dtype).to(A.device)).norm())
+
+
+def nearest_etf_distances(W: Tensor, centred_means: Tensor, squared: bool = False) -> dict[str, float]:
+    """Markou 2024's ETF distances: of W/||W||_F and of Mdot/||Mdot||_F to their nearest simplex ETF, and
+    between those two ETFs (Procrustes with delta = 0 in :mod:`nc_lib.nearest_etf`; needs d >= C).
+    The authors' code reports squared distances (``squared=True``)."""
+    from .nearest_etf import etf_distance_between, nearest_etf_distance
+
+    return {
+        "classifier_nearest_etf_distance": nearest_etf_distance(W, squared),
+        "means_nearest_etf_distance": nearest_etf_distance(centred_means, squared),
+        "classifier_means_etf_distance": etf_distance_between(W, centred_means, squared),
+    }
 
 
 def geometry(means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:

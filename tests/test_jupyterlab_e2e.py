@@ -152,6 +152,10 @@ def test_ufm_explorer_trains_live_and_the_animation_plays(lab, shoot_on_failure)
     def line_points() -> int:  # points drawn in the live figure's curves
         return int(live.evaluate("el => (el.data || []).reduce((n, t) => n + ((t.x && t.x.length) || 0), 0)"))
 
+    # a longer run than the headless default (0.4 s), so the live updates can be watched
+    steps = explorer.locator(".widget-inline-hbox:has(label:text-is('steps')) input").first
+    steps.fill("8000")
+    steps.press("Tab")
     seen = {line_points()}
     train.click()
     done = explorer.locator("text=Done in")

@@ -184,6 +184,8 @@ def test_bad_inputs_name_the_problem():
 def test_paper_names_point_at_real_keys():
     H, y, W, b = random_problem()
     m = metrics.measure_collapse(H, y, 4, W, b, H, y)
+    means, _ = metrics.class_means(H, y, 4)
+    m.update(metrics.nearest_etf_distances(W, means - means.mean(0)))
     for paper, names in metrics.PAPER_NAMES.items():
         for label, key in names.items():
             assert key in m, (paper, label)
@@ -193,3 +195,20 @@ def test_within_class_variability_alone_matches_the_full_set():
     H, y, W, b = random_problem(seed=7)
     assert metrics.within_class_variability(H, y, 4) == pytest.approx(
         metrics.measure_collapse(H, y, 4, W, b)["within_class_variability"], rel=1e-12)
+
+
+def test_nearest_etf_distances():
+    C, p = 5, 8
+    E = etf.simplex_etf(C, p, rotate=True, seed=2)
+    d = metrics.nearest_etf_distances(3.0 * E, 0.5 * E)
+    assert all(v < 1e-6 for v in d.values())
+    H, y, W, b = random_problem(C=4, p=9, counts=(5, 5, 5, 5))
+    means, counts = metrics.class_means(H, y, 4)
+    Mdot = means - means.mean(0)
+    d = metrics.nearest_etf_distances(W, Mdot, squared=True)
+    assert 0 < d["classifier_nearest_etf_distance"] <= 2 and 0 < d["means_nearest_etf_distance"] <= 2
+    # rotating both by the same orthogonal map leaves every distance unchanged
+    Q, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    d2 = metrics.nearest_etf_distances(W @ Q, Mdot @ Q, squared=True)
+    for k in d:
+        assert d2[k] == pytest.approx(d[k], abs=1e-10)
