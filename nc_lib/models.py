@@ -217,6 +217,13 @@ class VGG(Classifier):
 # ----------------------------------------------------------------------------------------------
 # ResNet
 # ----------------------------------------------------------------------------------------------
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 convolution with batch norm where the shape changes (also the d = C narrowing)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -228,9 +235,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        self.shortcut = _shortcut(in_planes, out, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
@@ -251,9 +256,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        self.shortcut = _shortcut(in_planes, out, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
