@@ -52,12 +52,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import ArrayDataset, _batch_identity, load_train_test, without_augmentation
+from .data import ArrayDataset, _batch_identity, without_augmentation
 from .metrics import CollapseAccumulator, SampleAccumulator
-from .train import (FeatureTap, RunResult, TrainConfig, _atomic_torch_save, _atomic_write_json, _atomic_write_jsonl,
-                    _autocast, _build, _last_checkpoint, _make_optimizer, _make_scheduler, _read_jsonl, _rng_state,
-                    _snapshot_features, _snapshot_indices, _to_float, environment_record, load_run, resolve_device,
-                    run_dir)
+from .train import (FeatureTap, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _autocast, _build,
+                    _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint, _snapshot_indices,
+                    environment_record, load_run, resolve_device, run_dir, train_epoch)
 from .validation import check_choice, check_int
 
 BACKENDS = ("gloo", "nccl")
@@ -305,19 +304,6 @@ def _loader(dataset: Dataset, sampler: Sampler, pin: bool = False) -> DataLoader
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-class _Step(nn.Module):
-    """body + head in one forward, so DDP sees every parameter: returns (features, logits)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.needs_labels = bool(getattr(model.head, "needs_labels", False))
-
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.model.body(x)
-        return h, (self.model.head(h, y) if self.needs_labels else self.model.head(h))
-
-
 def _sync_buffers(model: nn.Module) -> None:
     """Give every rank rank 0's buffers (batch-norm running statistics) before measuring."""
     if rank_and_world()[1] > 1:
@@ -329,9 +315,11 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
                       sync_batchnorm: bool | None = None) -> RunResult:
     """Train ``config`` data-parallel over the initialised process group (or in one process).
 
-    Same run directory, files and checkpoints as :func:`nc_lib.train.train`; a finished run is
-    loaded, a partial one resumes from its last checkpoint. sync_batchnorm: SyncBatchNorm (default:
-    on GPUs). stop_after_epochs: stop once that many epochs are done (as if killed).
+    Same run directory, files and checkpoints as :func:`nc_lib.train.train`, through the same
+    epoch step (:func:`nc_lib.train.train_epoch`, with a per-rank loss weight and all-reduced
+    running sums) and measurement writer (:class:`nc_lib.train.RunWriter`, rank 0 writes); a
+    finished run is loaded, a partial one resumes from its last checkpoint. sync_batchnorm:
+    SyncBatchNorm (default: on GPUs). stop_after_epochs: stop once that many epochs are done (as if killed).
     """
     if config.optimizer == "lbfgs":
         raise ValueError("optimizer='lbfgs' is not supported in data-parallel training; choose one of ['sgd', 'adam'].")
@@ -350,10 +338,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         env.update({"world_size": world, "backend": dist.get_backend() if world > 1 else None,
                     "launcher": "nc_lib.distributed"})
         _atomic_write_json(path / "env.json", env)
-    train_set, test_set = load_train_test(
-        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
-        seed=config.data_seed, augment=config.augment, random_labels=config.random_labels,
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})
+    train_set, test_set = _load_data(config)
     C = train_set.num_classes
     pin = device.type == "cuda"
     sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed)
@@ -374,20 +359,11 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
-    start = 0
     _barrier()  # rank 0 has made the directory
-    ckpt = _last_checkpoint(path)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
-    records = [r for r in _read_jsonl(path / "metrics.jsonl") if r["epoch"] <= start]
-    timings = [t for t in _read_jsonl(path / "timings.jsonl") if t["epoch"] <= start]
-    if rank == 0:
-        _atomic_write_jsonl(path / "metrics.jsonl", records)
-        _atomic_write_jsonl(path / "timings.jsonl", timings)
+    start = _resume_checkpoint(path, model, opt, sched, restore_rng=False)
+    writer = RunWriter(config, path, model_info, eval_set, snap_idx, write=rank == 0,
+                       timing_extra={"world_size": world})
+    writer.resume(start)
     _barrier()
 
     step = _Step(model)
@@ -395,16 +371,19 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     measure_at = set(config.measurement_epochs())
-    ce = nn.CrossEntropyLoss()
-    renormalise = bool(getattr(model.head, "renormalise_after_step", False))
     use_amp = config.amp and device.type == "cuda"
     red_dev = device if (world == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
+
+    def measure_fn() -> tuple[dict[str, float], CollapseAccumulator]:
+        _sync_buffers(model)
+        return measure_distributed(model, eval_train, eval_test, C, device,
+                                   train_sample_pass=config.train_sample_pass, amp=use_amp)
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model} on {config.dataset} x{world}", unit="epoch")
-    t_train = 0.0
     stopped = False
     for epoch in range(start + 1, config.epochs + 1):
         if stop_after_epochs is not None and epoch > stop_after_epochs:
@@ -412,83 +391,27 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
             break
         t0 = time.perf_counter()
         torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)  # augmentation: per (seed, epoch, rank)
-        model.train()
         sampler.set_epoch(epoch)
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
-        for (x, y), global_n in zip(train_loader, sampler.global_sizes()):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            weight = len(y) * world / global_n  # DDP averages: the global batch's mean loss
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device, use_amp):
-                h, logits = ddp(x, y)
-                loss = ce(logits.float(), y)
-                if config.feature_decay > 0:
-                    loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
-            (loss * weight).backward()
-            opt.step()
-            if renormalise:
-                with torch.no_grad():
-                    model.head.renormalise_()
-            stats[0] += loss.detach().double() * len(y)
-            stats[1] += (logits.detach().argmax(1) == y).sum()
-            stats[2] += len(y)
-        stats = _all_reduce_(stats.to(red_dev))
-        loss_sum, correct, n = float(stats[0]), int(stats[1]), int(stats[2])
-        lr_used = opt.param_groups[0]["lr"]
-        sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        t_train += dt
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower lr={config.lr}.")
+        global_sizes = sampler.global_sizes()
+        # DDP averages the ranks' gradients: weight n_rank * world / n_batch gives the global batch's mean loss
+        ep = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp, forward=ddp,
+                         loss_weight=lambda i, y: len(y) * world / global_sizes[i],
+                         reduce_sums=lambda t: _all_reduce_(t.to(red_dev)))
+        writer.t_train += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
+            bar.set_postfix(loss=f"{ep.loss_sum / ep.n:.4f}", acc=f"{ep.correct / ep.n:.3f}")
         if epoch in measure_at:
-            t1 = time.perf_counter()
-            _sync_buffers(model)
-            res, acc = measure_distributed(model, eval_train, eval_test, C, device,
-                                           train_sample_pass=config.train_sample_pass, amp=use_amp)
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr_used, "train_loss_running": loss_sum / n,
-                                      "train_accuracy_running": correct / n}
-            record.update({k: _to_float(v) for k, v in res.items()})
-            if rank == 0:
-                if snap_idx is not None:
-                    W, b = model.head.classifier()
-                    snap = {"epoch": epoch, "means": acc.means.float().cpu(),
-                            "global_mean": acc.global_mean.float().cpu(), "W": W.float().cpu(),
-                            "b": None if b is None else b.float().cpu(),
-                            "features": _snapshot_features(model, eval_set, snap_idx, device, config.eval_batch_size),
-                            "labels": train_set.targets[snap_idx].clone()}
-                    _atomic_torch_save(path / "snapshots" / f"epoch_{epoch:04d}.pt", snap)
-                records.append(record)
-                timings.append({"epoch": epoch, "train_s_since_last": t_train,
-                                "measure_s": time.perf_counter() - t1, "world_size": world})
-                _atomic_write_jsonl(path / "metrics.jsonl", records)
-                _atomic_write_jsonl(path / "timings.jsonl", timings)
-                state = {"epoch": epoch, "model_info": model_info, "model": _plain_state(model),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(device)}
-                old = list((path / "checkpoints").glob("epoch_*.pt"))
-                _atomic_torch_save(path / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
-                if not config.keep_all_checkpoints:
-                    for f in old:
-                        if f.name != f"epoch_{epoch:04d}.pt":
-                            f.unlink(missing_ok=True)
-            else:
-                records.append(record)
-            t_train = 0.0
+            writer.measure(epoch, ep, model, opt, sched, device, measure_fn, model_state=lambda: _plain_state(model))
             _barrier()
     if bar is not None:
         bar.close()
     if stopped:
         _barrier()
-        return RunResult(config, path, records, False)
-    if rank == 0:
-        _atomic_write_json(path / "done.json", {"epochs": config.epochs, "final": records[-1] if records else {},
-                                                "world_size": world})
+        return RunResult(config, path, writer.records, False)
+    writer.finish(world_size=world)
     _barrier()
-    return RunResult(config, path, records, True)
+    return RunResult(config, path, writer.records, True)
 
 
 def _plain_state(model: nn.Module) -> dict[str, Tensor]:

@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -519,6 +519,209 @@ def _to_float(v: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
+def _load_data(config: TrainConfig) -> tuple[Any, Any]:
+    """The (train, test) datasets of ``config``."""
+    return load_train_test(
+        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
+        seed=config.data_seed, augment=config.augment, random_labels=config.random_labels,
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})
+
+
+def _resume_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                       sched: torch.optim.lr_scheduler.LRScheduler, *, restore_rng: bool = True) -> int:
+    """Load the run's last checkpoint into model, optimiser and scheduler (and the RNG states);
+    returns its epoch (0 without a checkpoint)."""
+    ckpt = _last_checkpoint(path)
+    if ckpt is None:
+        return 0
+    # on the CPU first: RNG states must stay CPU byte tensors; weights and optimiser state are
+    # copied to the model's device by load_state_dict
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    return int(state["epoch"])
+
+
+class _Step(nn.Module):
+    """body + head in one forward (so DDP sees every parameter): returns (features, logits); heads
+    with ``needs_labels`` get the labels."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.needs_labels = bool(getattr(model.head, "needs_labels", False))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.model.body(x)
+        return h, (self.model.head(h, y) if self.needs_labels else self.model.head(h))
+
+
+class EpochResult(NamedTuple):
+    """Running sums of one training epoch (over all ranks) and the learning rate it used."""
+
+    loss_sum: float
+    correct: int
+    n: int
+    lr: float
+
+
+def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, device: torch.device, epoch: int, *,
+                amp: bool = False, forward: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                loss_weight: Callable[[int, Tensor], float] | None = None,
+                reduce_sums: Callable[[Tensor], Tensor] | None = None) -> EpochResult:
+    """One training epoch of ``model`` (train mode): one pass over ``loader``, then one scheduler step.
+
+    Per batch: h = body(x), logits = head(h) (``head(h, y)`` for heads with ``needs_labels``),
+    loss = CE(logits, y) + ``feature_decay``/2 * mean_i ||h_i||^2 (Zhu et al. 2021's lambda_H, on the
+    raw features); LBFGS evaluates it in a closure that also adds the weight decays
+    (weight_decay/2 * ||theta_body||^2 + head_weight_decay/2 * ||theta_head||^2); then backward, step,
+    and ``head.renormalise_()`` for heads with ``renormalise_after_step`` (Markou et al. 2024's cosine head).
+
+    Hooks for data-parallel training: ``forward(x, y) -> (h, logits)`` replaces :class:`_Step` (body + head;
+    a DDP wrapper of it); ``loss_weight(i, y)`` multiplies batch i's loss before backward; ``reduce_sums(t)``
+    reduces the running float64 sums ``[sum loss * len(y), correct, n]`` (an all-reduce).
+    Raises FloatingPointError when the summed loss is not finite.
+    """
+    model.train()
+    ce = nn.CrossEntropyLoss()
+    renormalise = bool(getattr(model.head, "renormalise_after_step", False))
+    forward = _Step(model) if forward is None else forward
+    lbfgs = config.optimizer == "lbfgs"
+    if lbfgs:
+        body_params = [p for p in model.body.parameters() if p.requires_grad]
+        head_params = [p for p in model.head.parameters() if p.requires_grad]
+        head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    # running sums stay on the device: no host synchronisation per step
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if lbfgs:
+            def closure() -> Tensor:
+                opt.zero_grad(set_to_none=True)
+                h, out = forward(x, y)
+                loss = ce(out, y)
+                if config.feature_decay > 0:
+                    loss = loss + 0.5 * config.feature_decay * h.pow(2).sum(1).mean()
+                if config.weight_decay > 0:
+                    loss = loss + 0.5 * config.weight_decay * sum(p.pow(2).sum() for p in body_params)
+                if head_wd > 0 and head_params:
+                    loss = loss + 0.5 * head_wd * sum(p.pow(2).sum() for p in head_params)
+                (loss if loss_weight is None else loss * loss_weight(i, y)).backward()
+                closure.logits = out.detach()  # type: ignore[attr-defined]
+                return loss
+            loss = opt.step(closure)
+            logits = closure.logits  # type: ignore[attr-defined]
+        else:
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, amp):
+                h, logits = forward(x, y)
+                loss = ce(logits.float(), y)
+                if config.feature_decay > 0:
+                    loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
+            (loss if loss_weight is None else loss * loss_weight(i, y)).backward()
+            opt.step()
+        if renormalise:
+            with torch.no_grad():
+                model.head.renormalise_()
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (logits.detach().argmax(1) == y).sum()
+        sums[2] += len(y)
+    if reduce_sums is not None:
+        sums = reduce_sums(sums)
+    loss_sum, correct, n = float(sums[0]), int(sums[1]), int(sums[2])
+    lr_used = opt.param_groups[0]["lr"]
+    sched.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower lr={config.lr}.")
+    return EpochResult(loss_sum, correct, n, lr_used)
+
+
+@dataclass
+class RunWriter:
+    """The measurement records of a run and the files written at its measurement epochs.
+
+    ``write=False`` (data-parallel ranks other than 0) keeps the records in memory and writes
+    nothing. ``timing_extra`` is added to every timings.jsonl record; ``t_train`` accumulates the
+    training seconds since the last measurement.
+    """
+
+    config: TrainConfig
+    path: Path
+    model_info: dict[str, Any]
+    snapshot_set: Any = None
+    snapshot_idx: Tensor | None = None
+    write: bool = True
+    timing_extra: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    t_train: float = 0.0
+
+    def resume(self, start: int) -> None:
+        """Keep the records of epochs <= ``start`` (the checkpoint's) and rewrite the files."""
+        self.records = [r for r in _read_jsonl(self.path / "metrics.jsonl") if r["epoch"] <= start]
+        self.timings = [t for t in _read_jsonl(self.path / "timings.jsonl") if t["epoch"] <= start]
+        if self.write:
+            _atomic_write_jsonl(self.path / "metrics.jsonl", self.records)
+            _atomic_write_jsonl(self.path / "timings.jsonl", self.timings)
+
+    def measure(self, epoch: int, ep: EpochResult, model: Classifier, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+                measure_fn: Callable[[], tuple[dict[str, float], CollapseAccumulator]], *,
+                model_state: Callable[[], dict[str, Any]] | None = None,
+                on_measure: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Measure (``measure_fn()`` -> (results, accumulator)) and record epoch ``epoch``: the record
+        (epoch, lr, running loss/accuracy of ``ep`` and the results), the snapshot (class means,
+        global mean, W, b, features of the fixed sample), metrics.jsonl and timings.jsonl, then the
+        checkpoint (``model_state()``, default ``model.state_dict()``), deleting older checkpoints
+        unless ``keep_all_checkpoints``. Returns the record."""
+        t1 = time.perf_counter()
+        res, acc = measure_fn()
+        record: dict[str, Any] = {"epoch": epoch, "lr": ep.lr, "train_loss_running": ep.loss_sum / ep.n,
+                                  "train_accuracy_running": ep.correct / ep.n}
+        record.update({k: _to_float(v) for k, v in res.items()})
+        self.records.append(record)
+        if self.write:
+            path, config = self.path, self.config
+            if self.snapshot_idx is not None:
+                W, b = model.head.classifier()
+                snap = {"epoch": epoch, "means": acc.means.float().cpu(), "global_mean": acc.global_mean.float().cpu(),
+                        "W": W.float().cpu(), "b": None if b is None else b.float().cpu(),
+                        "features": _snapshot_features(model, self.snapshot_set, self.snapshot_idx, device,
+                                                       config.eval_batch_size),
+                        "labels": self.snapshot_set.targets[self.snapshot_idx].clone()}
+                _atomic_torch_save(path / "snapshots" / f"epoch_{epoch:04d}.pt", snap)
+            self.timings.append({"epoch": epoch, "train_s_since_last": self.t_train,
+                                 "measure_s": time.perf_counter() - t1, **self.timing_extra})
+            # metrics first, then the checkpoint: a run killed in between re-measures nothing twice
+            _atomic_write_jsonl(path / "metrics.jsonl", self.records)
+            _atomic_write_jsonl(path / "timings.jsonl", self.timings)
+            state = {"epoch": epoch, "model_info": self.model_info,
+                     "model": model.state_dict() if model_state is None else model_state(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(device)}
+            old = list((path / "checkpoints").glob("epoch_*.pt"))
+            _atomic_torch_save(path / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
+            if not config.keep_all_checkpoints:
+                for f in old:
+                    if f.name != f"epoch_{epoch:04d}.pt":
+                        f.unlink(missing_ok=True)
+        self.t_train = 0.0
+        if on_measure is not None:
+            on_measure(record)
+        return record
+
+    def finish(self, **extra: Any) -> None:
+        """Write done.json (the run is finished)."""
+        if self.write:
+            _atomic_write_json(self.path / "done.json", {"epochs": self.config.epochs,
+                                                         "final": self.records[-1] if self.records else {}, **extra})
+
+
 def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[dict[str, Any]], None] | None = None,
           stop_after_epochs: int | None = None, retrain: bool = False) -> RunResult:
     """Train ``config`` (or load it if finished), measuring collapse at its measurement epochs.
@@ -540,10 +743,7 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     _atomic_write_json(path / "config.json", config.to_dict())
     _atomic_write_json(path / "env.json", environment_record(device))
 
-    train_set, test_set = load_train_test(
-        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
-        seed=config.data_seed, augment=config.augment, random_labels=config.random_labels,
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})
+    train_set, test_set = _load_data(config)
     C = train_set.num_classes
     pin = device.type == "cuda"
     # a last batch of one sample would break batch norm in training mode: drop it in that case only
@@ -554,7 +754,6 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     eval_test = make_loader(test_set, config.eval_batch_size, shuffle=False, pin_memory=pin)
     snap_idx = _snapshot_indices(train_set.targets, config.snapshot_per_class, C, config.data_seed) \
         if config.snapshot_per_class > 0 else None
-    snap_set = without_augmentation(train_set)
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2 ** 32))
@@ -563,138 +762,40 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     model = _build(config, device, model_info)
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
-
-    start = 0
-    records = _read_jsonl(path / "metrics.jsonl")
-    timings = _read_jsonl(path / "timings.jsonl")
-    ckpt = _last_checkpoint(path)
-    if ckpt is not None:
-        # on the CPU first: RNG states must stay CPU byte tensors; weights and optimiser state are
-        # copied to the model's device by load_state_dict
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start = int(state["epoch"])
-    records = [r for r in records if r["epoch"] <= start]
-    timings = [t for t in timings if t["epoch"] <= start]
-    _atomic_write_jsonl(path / "metrics.jsonl", records)
-    _atomic_write_jsonl(path / "timings.jsonl", timings)
+    start = _resume_checkpoint(path, model, opt, sched)
+    writer = RunWriter(config, path, model_info, without_augmentation(train_set), snap_idx)
+    writer.resume(start)
 
     measure_at = set(config.measurement_epochs())
-    ce = nn.CrossEntropyLoss()
-    body_params = [p for p in model.body.parameters() if p.requires_grad]
-    head_params = [p for p in model.head.parameters() if p.requires_grad]
-    head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
-    # Markou's heads: the implicit ETF head reads the labels in training; the cosine head
-    # renormalises its rows after every optimiser step
-    needs_labels = bool(getattr(model.head, "needs_labels", False))
-    renormalise = bool(getattr(model.head, "renormalise_after_step", False))
     use_amp = config.amp and device.type == "cuda" and config.optimizer != "lbfgs"
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model} on {config.dataset}", unit="epoch")
-    t_train = 0.0
     stopped = False
     for epoch in range(start + 1, config.epochs + 1):
         if stop_after_epochs is not None and epoch > stop_after_epochs:
             stopped = True
             break
         t0 = time.perf_counter()
-        model.train()
         set_loader_epoch(train_loader, epoch)
-        # running sums stay on the device: no host synchronisation per step
-        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-        correct_acc = torch.zeros((), dtype=torch.long, device=device)
-        n = 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if config.optimizer == "lbfgs":
-                def closure() -> Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    h = model.body(x)
-                    out = model.head(h, y) if needs_labels else model.head(h)
-                    loss = ce(out, y)
-                    if config.feature_decay > 0:
-                        loss = loss + 0.5 * config.feature_decay * h.pow(2).sum(1).mean()
-                    if config.weight_decay > 0:
-                        loss = loss + 0.5 * config.weight_decay * sum(p.pow(2).sum() for p in body_params)
-                    if head_wd > 0 and head_params:
-                        loss = loss + 0.5 * head_wd * sum(p.pow(2).sum() for p in head_params)
-                    loss.backward()
-                    closure.logits = out.detach()  # type: ignore[attr-defined]
-                    return loss
-                loss = opt.step(closure)
-                logits = closure.logits  # type: ignore[attr-defined]
-            else:
-                opt.zero_grad(set_to_none=True)
-                with _autocast(device, use_amp):
-                    h = model.body(x)
-                    logits = model.head(h, y) if needs_labels else model.head(h)
-                    loss = ce(logits.float(), y)
-                    if config.feature_decay > 0:
-                        loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
-                loss.backward()
-                opt.step()
-            if renormalise:
-                with torch.no_grad():
-                    model.head.renormalise_()
-            loss_acc += loss.detach().double() * len(y)
-            correct_acc += (logits.detach().argmax(1) == y).sum()
-            n += len(y)
-        loss_sum, correct = float(loss_acc), int(correct_acc)
-        lr_used = opt.param_groups[0]["lr"]
-        sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        t_train += dt
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower lr={config.lr}.")
+        ep = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp)
+        writer.t_train += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
+            bar.set_postfix(loss=f"{ep.loss_sum / ep.n:.4f}", acc=f"{ep.correct / ep.n:.3f}")
         if epoch in measure_at:
-            t1 = time.perf_counter()
-            res, acc = measure(model, eval_train, eval_test, C, device, train_sample_pass=config.train_sample_pass,
-                               amp=use_amp)
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr_used, "train_loss_running": loss_sum / n,
-                                      "train_accuracy_running": correct / n}
-            record.update({k: _to_float(v) for k, v in res.items()})
-            if snap_idx is not None:
-                W, b = model.head.classifier()
-                snap = {"epoch": epoch, "means": acc.means.float().cpu(), "global_mean": acc.global_mean.float().cpu(),
-                        "W": W.float().cpu(), "b": None if b is None else b.float().cpu(),
-                        "features": _snapshot_features(model, snap_set, snap_idx, device, config.eval_batch_size),
-                        "labels": train_set.targets[snap_idx].clone()}
-                _atomic_torch_save(path / "snapshots" / f"epoch_{epoch:04d}.pt", snap)
-            t_measure = time.perf_counter() - t1
-            records.append(record)
-            timings.append({"epoch": epoch, "train_s_since_last": t_train, "measure_s": t_measure})
-            t_train = 0.0
-            # metrics first, then the checkpoint: a run killed in between re-measures nothing twice
-            _atomic_write_jsonl(path / "metrics.jsonl", records)
-            _atomic_write_jsonl(path / "timings.jsonl", timings)
-            state = {"epoch": epoch, "model_info": model_info, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": _rng_state(device)}
-            old = list((path / "checkpoints").glob("epoch_*.pt"))
-            _atomic_torch_save(path / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
-            if not config.keep_all_checkpoints:
-                for f in old:
-                    if f.name != f"epoch_{epoch:04d}.pt":
-                        f.unlink(missing_ok=True)
-            if on_measure is not None:
-                on_measure(record)
+            writer.measure(epoch, ep, model, opt, sched, device,
+                           lambda: measure(model, eval_train, eval_test, C, device,
+                                           train_sample_pass=config.train_sample_pass, amp=use_amp),
+                           on_measure=on_measure)
     if bar is not None:
         bar.close()
     if stopped:
-        return RunResult(config, path, records, False)
-    _atomic_write_json(path / "done.json", {"epochs": config.epochs, "final": records[-1] if records else {}})
-    return RunResult(config, path, records, True)
+        return RunResult(config, path, writer.records, False)
+    writer.finish()
+    return RunResult(config, path, writer.records, True)
 
 
 # ----------------------------------------------------------------------------------------------
