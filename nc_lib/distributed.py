@@ -117,7 +117,7 @@ def reduce_accumulator(acc: CollapseAccumulator, *, device: torch.device | str |
         return acc
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    dev = acc.sums.device if acc.sums is not None else torch.device(device)
+    dev = acc.shift.device if acc.shift is not None else torch.device(device)
     p = torch.tensor([-1 if acc.p is None else acc.p], dtype=torch.long, device=dev)
     dist.all_reduce(p, op=dist.ReduceOp.MAX)
     if int(p) < 0:
@@ -129,7 +129,7 @@ def reduce_accumulator(acc: CollapseAccumulator, *, device: torch.device | str |
     n_local = acc.counts.to(torch.float64)
     counts = acc.counts.clone()
     dist.all_reduce(counts)
-    sums = acc.sums.clone()
+    sums = acc.shifted_sums + n_local[:, None] * acc.shift  # this rank's class sums
     dist.all_reduce(sums)
     seen = counts > 0
     k = torch.zeros_like(sums)
@@ -141,7 +141,8 @@ def reduce_accumulator(acc: CollapseAccumulator, *, device: torch.device | str |
     shifted = D + n_local[:, None] * delta
     dist.all_reduce(scatter)
     dist.all_reduce(shifted)
-    acc.sums, acc.counts, acc.shift, acc.shifted_sums, acc.scatter, acc.seen = sums, counts, k, shifted, scatter, seen
+    acc.counts, acc.shift, acc.shifted_sums, acc.scatter, acc.seen = counts, k, shifted, scatter, seen
+    acc._shift_cast = k
     return acc
 
 

@@ -20,7 +20,7 @@ How it is computed
   features plus O(p C^2) work, never a p x p matrix.
 * Streaming (:class:`CollapseAccumulator`) sees each batch once and cannot know the final means,
   so it accumulates the pooled within-class scatter (p x p, float64) around a per-class shift (the
-  class mean of the first batch the class appears in), which avoids the catastrophic cancellation
+  first sample of the class it sees), which avoids the catastrophic cancellation
   of E[hh^T] - mu mu^T at collapse, and projects it on the (C-1)-dim subspace at the end.
   Per-sample measurements that need the final means (NCC mismatch, cosine margins) come from a
   second pass, :meth:`CollapseAccumulator.sample_pass`, on any set (train or test).
@@ -324,11 +324,21 @@ class SampleAccumulator:
 
 
 # --------------------------------------------------------------------------- in memory
+def _add_class_sums(target: Tensor, labels: Tensor, X: Tensor) -> None:
+    """target[c] += sum of the rows of X with label c (target float64). A one-hot product for few classes
+    (index_add_ serialises on the few rows it writes), index_add_ for many."""
+    C = target.shape[0]
+    if C <= 64:
+        target += (torch.nn.functional.one_hot(labels, C).to(X.dtype).T @ X).to(target.dtype)
+    else:
+        target.index_add_(0, labels, X.to(target.dtype))
+
+
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Class means (C x p, float64, summed in float64 chunk by chunk) and counts (C,)."""
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
     for s in range(0, features.shape[0], MEAN_CHUNK):  # small chunks: the float64 copy stays in cache
-        sums.index_add_(0, labels[s:s + MEAN_CHUNK], features[s:s + MEAN_CHUNK].to(torch.float64))
+        _add_class_sums(sums, labels[s:s + MEAN_CHUNK], features[s:s + MEAN_CHUNK].to(torch.float64))
     if not bool(torch.isfinite(sums).all()):
         _raise_if_not_finite(features)
     counts = torch.bincount(labels, minlength=num_classes)
@@ -398,10 +408,9 @@ class CollapseAccumulator:
     """Streaming collapse measurements: feed feature batches, never hold an N x p matrix.
 
     ``update(h, y)`` adds a batch (e.g. from a forward hook over a DataLoader). State, all float64:
-    class sums and counts, a per-class shift k_c (the class's mean in the first batch it appears
-    in), the shifted class sums d_c = sum_{i in c}(h_i - k_c) and the shifted scatter
+    counts, a per-class shift k_c (the first sample of the class that it sees), the shifted class sums d_c = sum_{i in c}(h_i - k_c) and the shifted scatter
     A = sum_i (h_i - k_{y_i})(h_i - k_{y_i})^T (p x p). Then the pooled within-class scatter is
-    N Sigma_W = A - sum_c d_c d_c^T / n_c, well conditioned because the shift is close to the mean.
+    N Sigma_W = A - sum_c d_c d_c^T / n_c, well conditioned because the shift lies within the class's spread.
     :meth:`result` projects it on the (C-1)-dim between-class subspace:
     Tr(Sigma_W Sigma_B^+)/C = (1/N) Tr(G^+ Mdot (N Sigma_W) Mdot^T G^+), G = Mdot Mdot^T (C x C).
     """
@@ -410,18 +419,18 @@ class CollapseAccumulator:
         self.num_classes = check_int("num_classes", num_classes, 2)
         self.mean_convention = check_choice("mean_convention", mean_convention, MEAN_CONVENTIONS)
         self.p: int | None = None
-        self.sums = self.counts = self.shift = self.shifted_sums = self.scatter = None
+        self.counts = self.shift = self.shifted_sums = self.scatter = None
         self.seen: Tensor | None = None
 
     def _init(self, p: int, device: torch.device) -> None:
         C, f64 = self.num_classes, torch.float64
         self.p = p
-        self.sums = torch.zeros(C, p, dtype=f64, device=device)
         self.shift = torch.zeros(C, p, dtype=f64, device=device)
         self.shifted_sums = torch.zeros(C, p, dtype=f64, device=device)
         self.scatter = torch.zeros(p, p, dtype=f64, device=device)
         self.counts = torch.zeros(C, dtype=torch.long, device=device)
         self.seen = torch.zeros(C, dtype=torch.bool, device=device)
+        self._shift_cast = self.shift
 
     def update(self, features: Tensor, labels: Tensor) -> None:
         features = _check_features(features.detach())
@@ -430,21 +439,23 @@ class CollapseAccumulator:
         elif features.shape[1] != self.p:
             raise ValueError(f"features have {features.shape[1]} columns; earlier batches had {self.p}.")
         y = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
-        X64 = features.to(torch.float64)
-        batch_sums = torch.zeros_like(self.sums).index_add_(0, y, X64)
-        if not bool(torch.isfinite(batch_sums).all()):
-            _raise_if_not_finite(features)
         batch_counts = torch.bincount(y, minlength=self.num_classes)
         new = (batch_counts > 0) & ~self.seen
-        if bool(new.any()):
-            self.shift[new] = batch_sums[new] / batch_counts[new, None].to(torch.float64)
+        if bool(new.any()):  # shift k_c: the first sample of class c ever seen
+            B = y.shape[0]
+            first = torch.full((self.num_classes,), B, dtype=torch.long, device=y.device)
+            first.scatter_reduce_(0, y, torch.arange(B, device=y.device), reduce="amin")
+            self.shift[new] = features[first[new]].to(torch.float64)
             self.seen |= new
-        D = X64 - self.shift[y]
-        self.sums += batch_sums
+            self._shift_cast = self.shift.to(features.dtype)
+        # one pass: deviations from a sample of the same class are small, so the features' dtype holds them
+        # accurately; their sums and their scatter are accumulated in float64
+        D = features - self._shift_cast[y]
         self.counts += batch_counts
-        self.shifted_sums.index_add_(0, y, D)
-        Dp = D.to(features.dtype)
-        self.scatter += (Dp.T @ Dp).to(torch.float64)
+        _add_class_sums(self.shifted_sums, y, D)
+        if not bool(torch.isfinite(self.shifted_sums).all()):
+            _raise_if_not_finite(features)
+        self.scatter += (D.T @ D).to(torch.float64)
 
     @property
     def n(self) -> int:
@@ -455,7 +466,7 @@ class CollapseAccumulator:
         if self.counts is None:
             raise ValueError("no batches were given to the accumulator.")
         _check_counts(self.counts)
-        return self.sums / self.counts[:, None].to(torch.float64)
+        return self.shift + self.shifted_sums / self.counts[:, None].to(torch.float64)
 
     @property
     def global_mean(self) -> Tensor:

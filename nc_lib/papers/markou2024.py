@@ -568,8 +568,8 @@ def measure_cost(num_classes: int, feature_dim: int, *, methods: Sequence[str] =
 def measure_memory(num_classes: int, feature_dim: int, *, methods: Sequence[str] = METHODS, batch_size: int = 256,
                    d_in: int = 64, hidden: int = 256, ufm_n: int | None = None) -> dict[str, dict[str, float]]:
     """Memory of one training step per method, measured: the bytes of every distinct tensor autograd
-    saves for the backward (``torch.autograd.graph.saved_tensors_hooks``, activations incl. the node's
-    factors), plus parameters, buffers and gradients; on CUDA also the peak allocated. The head's own
+    saves for the backward (``torch.autograd.graph.saved_tensors_hooks``, plus the tensors and arrays
+    custom Functions keep on ``ctx``, e.g. the node's SVD factors), plus parameters, buffers and gradients; on CUDA also the peak allocated. The head's own
     share (``head_saved_bytes``) is what is saved after the body's output exists. ``ufm_n``: a UFM step
     instead (no body; the features are a free C*ufm_n x d parameter, full batch).
     ``kkt_dense_bytes`` (implicit heads): the size of the paper's dense KKT matrix for this (C, d), computed
@@ -603,6 +603,7 @@ def measure_memory(num_classes: int, feature_dim: int, *, methods: Sequence[str]
             h = net(x)
             n_body = sum(seen.values())
             loss = F.cross_entropy(_logits(head, h, y), y)
+        seen.update(_ctx_saved(loss.grad_fn))
         saved = sum(seen.values())
         loss.backward()
         static = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(head.parameters())
@@ -613,6 +614,27 @@ def measure_memory(num_classes: int, feature_dim: int, *, methods: Sequence[str]
                   "static_bytes": float(static), "grad_bytes": float(grads), "total_bytes": float(saved + static + grads),
                   "kkt_dense_bytes": float(kkt_memory_bytes(C, d, torch.float32)) if m.startswith("implicit") else 0.0}
     return out
+
+
+def _ctx_saved(root: Any) -> dict[tuple[int, int], int]:
+    """Tensors and arrays that custom autograd Functions keep as ``ctx`` attributes (not through
+    ``save_for_backward``, so the saved-tensor hooks miss them): walk the graph from ``root``."""
+    found: dict[tuple[int, int], int] = {}
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for v in getattr(node, "__dict__", {}).values():
+            if isinstance(v, Tensor):
+                st = v.untyped_storage()
+                found[(st.data_ptr(), st.nbytes())] = st.nbytes()
+            elif isinstance(v, np.ndarray):
+                base = v if v.base is None else v.base
+                found[(id(base), base.nbytes)] = int(base.nbytes)
+        stack.extend(fn for fn, _ in getattr(node, "next_functions", ()))
+    return found
 
 
 class _FreeFeatures(nn.Module):
@@ -636,18 +658,17 @@ def figure_cost(cost: dict[str, dict[str, Any]], *, title: str = "") -> go.Figur
         fig.add_trace(go.Box(y=ms, name=LABELS.get(m, m), marker_color=colour(j), showlegend=False, boxmean=True),
                       row=1, col=1)
         if m.startswith("implicit"):
-            for stat, val, dash in (("mean", ms.mean(), "dash"), ("median", np.median(ms), "dot")):
+            for stat, val, pos in (("mean", ms.mean(), "top right"), ("median", np.median(ms), "bottom right")):
                 fig.add_trace(go.Scatter(x=[LABELS.get(m, m)], y=[val], mode="markers+text", text=[f"{stat} {val:.2f}"],
-                                         textposition="middle right", marker=dict(symbol="line-ew-open", size=22,
-                                                                                  color="black"),
-                                         showlegend=False), row=1, col=1)
+                                         textposition=pos, marker=dict(symbol="line-ew-open", size=22, color="black"),
+                                         textfont=dict(size=10), showlegend=False), row=1, col=1)
     names = [LABELS.get(m, m) for m in methods]
     fig.add_trace(go.Bar(x=names, y=[1e3 * float(np.median(cost[m]["forward_s"])) for m in methods], name="forward"),
                   row=1, col=2)
     fig.add_trace(go.Bar(x=names, y=[1e3 * float(np.median(cost[m]["backward_s"])) for m in methods], name="backward"),
                   row=1, col=2)
     fig.update_layout(barmode="stack", height=450, width=1150, template="plotly_white", title=title)
-    fig.update_yaxes(title_text="ms", row=1, col=1)
+    fig.update_yaxes(title_text="ms (log)", type="log", row=1, col=1)
     fig.update_yaxes(title_text="ms (median per step)", row=1, col=2)
     return fig
 
