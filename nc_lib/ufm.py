@@ -28,7 +28,9 @@ What is here
 
 Which head parameters are decayed: every head parameter whose name ends in ``"bias"`` gets
 lambda_b, every other head parameter lambda_W (for LinearHead: W and b exactly as above). The
-trainer only calls ``head(h)``, ``head.named_parameters()`` and, to measure, ``head.classifier()``.
+trainer only calls ``head(h)`` (``head(h, labels)`` for a head with ``needs_labels`` while training),
+``head.named_parameters()``, ``head.renormalise_()`` after each step for a head with
+``renormalise_after_step``, and, to measure, ``head.classifier()``.
 """
 from __future__ import annotations
 
@@ -241,9 +243,18 @@ class UFM(nn.Module):
                     self.head.linear.bias.copy_(torch.as_tensor(b))
 
     def forward(self, index: Tensor | None = None) -> Tensor:
-        """Logits of all samples (or of the rows ``index``)."""
+        """Logits of all samples (or of the rows ``index``). A head that reads the labels while
+        training (``needs_labels``, e.g. Markou's implicit ETF head) gets them."""
         h = self.H if index is None else self.H[index]
+        if getattr(self.head, "needs_labels", False) and self.head.training:
+            return self.head(h, self.labels if index is None else self.labels[index])
         return self.head(h)
+
+    def after_step(self) -> None:
+        """What a head asks for after each optimiser step (a cosine head renormalises its rows)."""
+        if getattr(self.head, "renormalise_after_step", False):
+            with torch.no_grad():
+                self.head.renormalise_()
 
     def classifier(self) -> tuple[Tensor, Tensor | None]:
         return self.head.classifier()
@@ -456,6 +467,7 @@ class UFMHistory:
                 f.backward()
                 return f
             opt.step(closure)
+            model.after_step()
             state = opt.state[opt.param_groups[0]["params"][0]]
             if state.get("t", 1.0) == 0:
                 # the strong-Wolfe search found no step along a poor quasi-Newton direction; torch's
@@ -471,6 +483,7 @@ class UFMHistory:
             loss = data_loss(model(idx), labels[idx], cfg.loss)
         loss.backward()
         opt.step()
+        model.after_step()
 
     # ---- measurement
     @torch.no_grad()

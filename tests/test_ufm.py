@@ -294,3 +294,20 @@ def test_lanczos_on_a_known_matrix():
     A = A + A.T
     lam, v, evals = lanczos_smallest(lambda x: A @ x, 30, iterations=30)
     assert lam == pytest.approx(float(torch.linalg.eigvalsh(A)[0]), rel=1e-10)
+
+
+def test_markou_heads_plug_into_the_ufm_unchanged():
+    """The implicit ETF head (reads labels while training) and the cosine head (rows renormalised after
+    each step) train in the ordinary UFM trainer, and the implicit head's classifier is an ETF."""
+    from nc_lib.etf import gram_distance_to_etf
+    from nc_lib.nearest_etf import CosineHead, ImplicitETFHead
+
+    cfg = dict(num_classes=4, n_per_class=8, feature_dim=8, seed=0)
+    h = train_ufm(UFMConfig(**cfg, optimizer="gd", lr=0.5, head=lambda d, C: ImplicitETFHead(d, C)), 60, 20,
+                  progress=False)
+    assert gram_distance_to_etf(h.model.head.classifier()[0]) < 1e-6
+    assert h.last["accuracy"] == 1.0
+    h = train_ufm(UFMConfig(**cfg, optimizer="adam", lr=0.05, head=lambda d, C: CosineHead(d, C)), 60, 20,
+                  progress=False)
+    rows = h.model.head.classifier()[0].norm(dim=1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
