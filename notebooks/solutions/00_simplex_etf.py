@@ -16,7 +16,7 @@ def largest_cosine_after_spreading(C: int = 5, d: int = 8, steps: int = 400, see
         loss.backward()
         opt.step()
     U = V / V.norm(dim=1, keepdim=True)
-    return float((U @ U.T)[mask].max())
+    return float((U @ U.T)[mask].max().detach())
 
 
 if __name__ == "__main__":
