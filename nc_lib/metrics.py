@@ -276,29 +276,32 @@ class SampleAccumulator:
             raise ValueError(f"features have {features.shape[1]} columns but the class means have {self.p}.")
         labels = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
         C = self.num_classes
+        gram_pinv = self._nc1_map.to(features) if self.within_class else None
         for s in range(0, features.shape[0], CHUNK):
             X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
             Xc = X - self.mu_G.to(X)  # centred on the global mean
-            G = (Xc @ self._K.to(X).T).to(torch.float64)  # B x (C or 2C)
+            G = Xc @ self._K.to(X).T  # B x (C or 2C), in the features' dtype
             if not bool(torch.isfinite(G).all()):
                 _raise_if_not_finite(X)
             proj = G[:, :C]  # (h - mu_G) . Mdot_c
-            ncc = (self._mdot_sq - 2 * proj).argmin(1)
+            ncc = (self._mdot_sq.to(G) - 2 * proj).argmin(1)
             self.ncc_correct += int((ncc == y).sum())
             if self.within_class:
-                Z = (proj - self._nc1_offsets[y]) @ self._nc1_map
-                self.nc1_sum += float(Z.pow(2).sum())
+                # residual projections Mdot (h - mu_y): the subtraction in float64, the C x C product in
+                # the features' dtype, the sum of squares in float64
+                R = (proj.to(torch.float64) - self._nc1_offsets[y]).to(X.dtype)
+                self.nc1_sum += float((R @ gram_pinv).pow(2).sum(dtype=torch.float64))
             if self.W is not None:
                 raw = G[:, C:]  # (h - mu_G) . w_c
-                pred = (raw + self._logit_offset).argmax(1)
+                pred = (raw + self._logit_offset.to(G)).argmax(1)
                 self.correct += int((pred == y).sum())
                 self.ncc_agree += int((pred == ncc).sum())
                 # cosine with centred rows: (h - mu_G).(w_c - wbar) = raw_c - mean_c raw_c
-                h_norm = Xc.norm(dim=1).to(torch.float64).clamp_min(1e-300)
-                cos = (raw - raw.mean(1, keepdim=True)) / (h_norm[:, None] * self._Wc_norm.clamp_min(1e-300))
+                h_norm = Xc.norm(dim=1).clamp_min(1e-30)
+                cos = (raw - raw.mean(1, keepdim=True)) / (h_norm[:, None] * self._Wc_norm.to(G).clamp_min(1e-30))
                 own = cos.gather(1, y[:, None]).squeeze(1)
                 other = cos.scatter(1, y[:, None], float("-inf")).max(1).values
-                m = own - other
+                m = (own - other).to(torch.float64)
                 self.margin_sum += float(m.sum())
                 if self.margins is not None:
                     self.margins.append(m)
@@ -356,9 +359,18 @@ def within_class_variability(features: Tensor, labels: Tensor, num_classes: int,
     features = _check_features(features)
     labels = _check_labels(labels, features.shape[0], num_classes).to(features.device)
     means, counts = class_means(features, labels, num_classes)
-    acc = SampleAccumulator(means, global_mean(means, counts, mean_convention), within_class=True)
-    acc.update(features, labels)
-    return acc.result()["within_class_variability"]
+    mu_G = global_mean(means, counts, mean_convention)
+    Mdot = means - mu_G
+    gram_pinv = between_class_gram_pinv(Mdot)
+    # project on the pseudo-inverse-weighted directions G^+ Mdot directly: one N x p x C product
+    P = (gram_pinv @ Mdot).to(features)  # C x p
+    offsets = Mdot @ (gram_pinv @ Mdot).T  # row y: (G^+ Mdot (mu_y - mu_G))^T, C x C float64
+    total = 0.0
+    for s in range(0, features.shape[0], CHUNK):
+        X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
+        Z = (X - mu_G.to(X)) @ P.T
+        total += float((Z.to(torch.float64) - offsets[y]).pow(2).sum())
+    return total / features.shape[0]
 
 
 def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tensor | None = None,
