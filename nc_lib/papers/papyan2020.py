@@ -392,8 +392,9 @@ def figure(results: Mapping[Key, RunResult], key_or_keys: str | Sequence[str], *
     fig = plot_metric_curves(histories, pkeys, x="epoch", log_y=log_y, titles=titles, cols=n, x_title="epoch",
                              colours=colours, band=False, width=min(1500, 330 * n + 160),
                              height=270 * len(keys) + 170)
-    # room for the legend above the two-line panel titles
-    fig.update_layout(legend=dict(y=1.0 + 0.45 / len(keys)), margin=dict(t=170))
+    # the legend goes under the panels, clear of the figure title and the two-line panel titles
+    fig.update_layout(legend=dict(orientation="h", x=0, y=-0.12 - 0.2 / len(keys), yanchor="top"),
+                      margin=dict(t=120, b=110))
     for i, rt in enumerate(row_titles):
         fig.update_yaxes(title_text=rt, row=i + 1, col=1, title_font=dict(size=11))
     if log_x:
