@@ -515,6 +515,15 @@ def without_augmentation(dataset: Dataset) -> Dataset:
 # ----------------------------------------------------------------------------------------------
 # Loaders with a deterministic order per (seed, epoch)
 # ----------------------------------------------------------------------------------------------
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch, a function of (seed, epoch) only: every sampler of the kit (single
+    process or one slice per rank under torchrun) walks this same order."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of indices; with ``shuffle`` the order of epoch e is ``randperm(n, seed=hash(seed, e))``.
 
@@ -534,11 +543,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch)
         for start in range(0, self.n, self.batch_size):
             batch = order[start:start + self.batch_size]
             if self.drop_last and len(batch) < self.batch_size:

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import ArrayDataset, _batch_identity, without_augmentation
+from .data import ArrayDataset, _batch_identity, epoch_order, without_augmentation
 from .metrics import CollapseAccumulator, SampleAccumulator
 from .train import (FeatureTap, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _autocast, _build,
                     _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint, _snapshot_indices,
@@ -280,11 +280,7 @@ class DistributedEpochBatchSampler(Sampler[list[int]]):
                 if min(self.batch_size, self.n - s) >= self.world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch)
         for s in range(0, self.n, self.batch_size):
             batch = order[s:s + self.batch_size]
             if len(batch) < self.world:
