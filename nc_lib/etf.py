@@ -74,28 +74,43 @@ def equinorm(vectors: Tensor, unbiased: bool = False) -> float:
     return float(n.std(correction=1 if unbiased else 0) / n.mean())
 
 
-def _off_diagonal_cosines(vectors: Tensor) -> Tensor:
-    v = _as_rows(vectors)
-    u = v / v.norm(dim=1, keepdim=True)
-    cos = u @ u.T
-    C = v.shape[0]
-    mask = ~torch.eye(C, dtype=torch.bool)
-    return cos[mask]
+def _off_diagonal_cosines(gram: Tensor) -> Tensor:
+    """cos(v_c, v_c') for c != c' from the Gram V V^T."""
+    n = torch.diagonal(gram).clamp_min(0).sqrt()
+    cos = gram / (n[:, None] * n[None, :])
+    C = gram.shape[0]
+    return cos[~torch.eye(C, dtype=torch.bool, device=gram.device)]
+
+
+def gram_measurements(gram: Tensor) -> dict[str, float]:
+    """The four ETF measurements of C vectors from their Gram G = V V^T (C x C), so that one O(C^2 d)
+    product serves all: equinorm, equiangularity, maximal angle (Papyan 2020, Figs. 2-4) and the Gram
+    distance to the ETF (Zhu 2021's NC2). See the functions of the same names for the formulas."""
+    G = gram.to(torch.float64)
+    C = G.shape[0]
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    cos = _off_diagonal_cosines(G)
+    return {
+        "equinorm": float(norms.std(correction=0) / norms.mean()),
+        "equiangularity": float(cos.std(correction=0)),
+        "max_angle": float((cos + 1.0 / (C - 1)).abs().mean()),
+        "etf_distance": float((G / G.norm() - etf_gram(C, dtype=G.dtype).to(G.device)).norm()),
+    }
 
 
 def equiangularity(vectors: Tensor) -> float:
     """std over pairs c != c' of cos(v_c, v_c') (Papyan 2020, Fig. 3). 0 for an ETF."""
-    return float(_off_diagonal_cosines(vectors).std(correction=0))
+    v = _as_rows(vectors)
+    return gram_measurements(v @ v.T)["equiangularity"]
 
 
 def maximal_angle(vectors: Tensor) -> float:
     """mean over pairs c != c' of |cos(v_c, v_c') + 1/(C-1)| (Papyan 2020, Fig. 4). 0 for an ETF."""
-    C = _as_rows(vectors).shape[0]
-    return float((_off_diagonal_cosines(vectors) + 1.0 / (C - 1)).abs().mean())
+    v = _as_rows(vectors)
+    return gram_measurements(v @ v.T)["max_angle"]
 
 
 def gram_distance_to_etf(vectors: Tensor) -> float:
     """|| V V^T/||V V^T||_F - (I - 11^T/C)/sqrt(C-1) ||_F (Zhu et al. 2021's NC2). 0 for an ETF."""
     v = _as_rows(vectors)
-    G = v @ v.T
-    return float((G / G.norm() - etf_gram(v.shape[0])).norm())
+    return gram_measurements(v @ v.T)["etf_distance"]

@@ -151,9 +151,9 @@ def self_duality(W: Tensor, centred_means: Tensor) -> float:
     return float((W / W.norm() - centred_means / centred_means.norm()).pow(2).sum())
 
 
-def classifier_means_alignment(W: Tensor, centred_means: Tensor) -> float:
-    """Zhu 2021's NC3: || W Mdot^T/||W Mdot^T||_F - (I - 11^T/C)/sqrt(C-1) ||_F."""
-    A = W @ centred_means.T
+def classifier_means_alignment(W: Tensor, centred_means: Tensor, *, product: Tensor | None = None) -> float:
+    """Zhu 2021's NC3: || W Mdot^T/||W Mdot^T||_F - (I - 11^T/C)/sqrt(C-1) ||_F (``product``: W Mdot^T if known)."""
+    A = W @ centred_means.T if product is None else product
     return float((A / A.norm() - etf.etf_gram(W.shape[0], dtype=A.dtype).to(A.device)).norm())
 
 
@@ -170,36 +170,42 @@ def nearest_etf_distances(W: Tensor, centred_means: Tensor, squared: bool = Fals
     }
 
 
-def geometry(means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:
+def centred_means_gram(means: Tensor, mu_G: Tensor) -> Tensor:
+    """G = Mdot Mdot^T (C x C, float64), the Gram that the geometry, the pseudo-inverse and the NC1 offsets share."""
+    Mdot = (means - mu_G).to(torch.float64)
+    return Mdot @ Mdot.T
+
+
+def geometry(means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None, *,
+             means_gram: Tensor | None = None) -> dict[str, float]:
     """Measurements that depend only on the class means and the classifier (no per-sample pass).
 
     equinorm (Papyan Fig. 2), equiangularity (Fig. 3), maximal angle (Fig. 4), self-duality
     (Fig. 5), Zhu's NC2 (W and centred means), NC3 and NC4 = ||W mu_G + b||, and Markou's
-    WH-equinorm = |equinorm(Mdot) - equinorm(W)|.
+    WH-equinorm = |equinorm(Mdot) - equinorm(W)|. Each comes from one of three C x C products,
+    Mdot Mdot^T (``means_gram`` if already computed), W W^T and W Mdot^T.
     """
     Mdot = (means - mu_G).to(torch.float64)
-    out = {
-        "equinorm_means": etf.equinorm(Mdot),
-        "equiangularity_means": etf.equiangularity(Mdot),
-        "max_angle_means": etf.maximal_angle(Mdot),
-        "means_etf_distance": etf.gram_distance_to_etf(Mdot),
-    }
+    m = etf.gram_measurements(Mdot @ Mdot.T if means_gram is None else means_gram)
+    out = {"equinorm_means": m["equinorm"], "equiangularity_means": m["equiangularity"],
+           "max_angle_means": m["max_angle"], "means_etf_distance": m["etf_distance"]}
     if W is not None:
         W = W.to(Mdot)
+        w = etf.gram_measurements(W @ W.T)
         out.update({
-            "equinorm_classifiers": etf.equinorm(W),
-            "equiangularity_classifiers": etf.equiangularity(W),
-            "max_angle_classifiers": etf.maximal_angle(W),
-            "classifier_etf_distance": etf.gram_distance_to_etf(W),
+            "equinorm_classifiers": w["equinorm"],
+            "equiangularity_classifiers": w["equiangularity"],
+            "max_angle_classifiers": w["max_angle"],
+            "classifier_etf_distance": w["etf_distance"],
             "self_duality": self_duality(W, Mdot),
-            "classifier_means_alignment": classifier_means_alignment(W, Mdot),
+            "classifier_means_alignment": classifier_means_alignment(W, Mdot, product=W @ Mdot.T),
             "bias_offset_norm": float((W @ mu_G.to(Mdot) + (0 if b is None else b.to(Mdot))).norm()),
-            "wh_equinorm": abs(out["equinorm_means"] - etf.equinorm(W)),
+            "wh_equinorm": abs(m["equinorm"] - w["equinorm"]),
         })
     return out
 
 
-def between_class_gram_pinv(centred_means: Tensor) -> Tensor:
+def between_class_gram_pinv(centred_means: Tensor, gram: Tensor | None = None) -> Tensor:
     """G^+ for the C x C Gram G = Mdot Mdot^T of the centred means (rank C-1).
 
     Tr(Sigma_W Sigma_B^+)/C = (1/N) sum_i ||G^+ Mdot (h_i - mu_{y_i})||^2, because with the thin SVD
@@ -208,7 +214,7 @@ def between_class_gram_pinv(centred_means: Tensor) -> Tensor:
     G^+ = (G + a q q^T)^-1 - q q^T/a with a = tr(G)/C, one Cholesky of a C x C matrix. If the
     means span fewer than C-1 dimensions (d < C-1, or degenerate means) it falls back to the
     eigendecomposition of G with the numerical rank."""
-    G = centred_means @ centred_means.T
+    G = centred_means @ centred_means.T if gram is None else gram
     C = G.shape[0]
     row_sum = centred_means.sum(0).norm()
     if row_sum <= 1e-10 * centred_means.norm() + 1e-300:
@@ -243,7 +249,7 @@ class SampleAccumulator:
     """
 
     def __init__(self, means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None, *,
-                 within_class: bool = False, keep_margins: bool = False) -> None:
+                 within_class: bool = False, keep_margins: bool = False, means_gram: Tensor | None = None) -> None:
         self.means = means.to(torch.float64)
         self.mu_G = mu_G.to(torch.float64)
         self.num_classes, self.p = means.shape
@@ -260,8 +266,9 @@ class SampleAccumulator:
         self.within_class = within_class
         if within_class:
             # ||S_r^-1 Vh_r r||^2 = ||G^+ Mdot r||^2 (see between_class_gram_pinv)
-            self._nc1_map = between_class_gram_pinv(Mdot)  # C x C
-            self._nc1_offsets = Mdot @ Mdot.T  # row y: Mdot_y . Mdot_c
+            gram = Mdot @ Mdot.T if means_gram is None else means_gram
+            self._nc1_map = between_class_gram_pinv(Mdot, gram)  # C x C
+            self._nc1_offsets = gram  # row y: Mdot_y . Mdot_c
         self.n = 0
         self.ncc_agree = 0
         self.ncc_correct = 0
@@ -277,19 +284,23 @@ class SampleAccumulator:
         labels = _check_labels(labels, features.shape[0], self.num_classes).to(features.device)
         C = self.num_classes
         gram_pinv = self._nc1_map.to(features) if self.within_class else None
+        offsets = self._nc1_offsets.to(features) if self.within_class else None
+        K, mu_G = self._K.to(features), self.mu_G.to(features)
         for s in range(0, features.shape[0], CHUNK):
             X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
-            Xc = X - self.mu_G.to(X)  # centred on the global mean
-            G = Xc @ self._K.to(X).T  # B x (C or 2C), in the features' dtype
-            if not bool(torch.isfinite(G).all()):
+            Xc = X - mu_G  # centred on the global mean
+            # the NaN/Inf check on B row norms rather than on B x p features: any NaN or Inf reaches them
+            h_norm = Xc.norm(dim=1)
+            if not bool(torch.isfinite(h_norm.sum())):
                 _raise_if_not_finite(X)
+            G = Xc @ K.T  # B x (C or 2C), in the features' dtype
             proj = G[:, :C]  # (h - mu_G) . Mdot_c
             ncc = (self._mdot_sq.to(G) - 2 * proj).argmin(1)
             self.ncc_correct += int((ncc == y).sum())
             if self.within_class:
-                # residual projections Mdot (h - mu_y): the subtraction in float64, the C x C product in
-                # the features' dtype, the sum of squares in float64
-                R = (proj.to(torch.float64) - self._nc1_offsets[y]).to(X.dtype)
+                # residual projections Mdot (h - mu_y) and the C x C product in the features' dtype (proj
+                # carries that dtype's rounding already), the sum of squares in float64
+                R = proj - offsets[y]
                 self.nc1_sum += float((R @ gram_pinv).pow(2).sum(dtype=torch.float64))
             if self.W is not None:
                 raw = G[:, C:]  # (h - mu_G) . w_c
@@ -297,7 +308,7 @@ class SampleAccumulator:
                 self.correct += int((pred == y).sum())
                 self.ncc_agree += int((pred == ncc).sum())
                 # cosine with centred rows: (h - mu_G).(w_c - wbar) = raw_c - mean_c raw_c
-                h_norm = Xc.norm(dim=1).clamp_min(1e-30)
+                h_norm = h_norm.clamp_min(1e-30)
                 cos = (raw - raw.mean(1, keepdim=True)) / (h_norm[:, None] * self._Wc_norm.to(G).clamp_min(1e-30))
                 own = cos.gather(1, y[:, None]).squeeze(1)
                 other = cos.scatter(1, y[:, None], float("-inf")).max(1).values
@@ -389,8 +400,9 @@ def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tens
     W, b = _check_classifier(W, b, num_classes, features.shape[1])
     means, counts = class_means(features, labels, num_classes)
     mu_G = global_mean(means, counts, mean_convention)
-    out = geometry(means, mu_G, W, b)
-    train = SampleAccumulator(means, mu_G, W, b, within_class=True)
+    gram = centred_means_gram(means, mu_G)
+    out = geometry(means, mu_G, W, b, means_gram=gram)
+    train = SampleAccumulator(means, mu_G, W, b, within_class=True, means_gram=gram)
     train.update(features, labels)
     out.update(train.result())
     if test_features is not None:
@@ -416,6 +428,24 @@ def cosine_margins(features: Tensor, labels: Tensor, W: Tensor, global_mean: Ten
 
 
 # --------------------------------------------------------------------------- streaming
+SCATTER_BLOCKS = 4
+
+
+def _add_scatter(target: Tensor, D: Tensor) -> None:
+    """target += D^T D (float64) on and above the diagonal blocks only: block row i gets D_i^T D[:, i:].
+
+    A symmetric rank-k update by hand: with 4 column blocks it does 10/16 of the full product's work (the
+    blocks below the diagonal mirror those above). Only ``torch.triu(target)`` is meaningful; read the
+    full matrix through :attr:`CollapseAccumulator.scatter`."""
+    p = D.shape[1]
+    if p < 128:
+        target += (D.T @ D).to(target.dtype)
+        return
+    step = -(-p // SCATTER_BLOCKS)
+    for i in range(0, p, step):
+        target[i:i + step, i:] += (D[:, i:i + step].T @ D[:, i:]).to(target.dtype)
+
+
 class CollapseAccumulator:
     """Streaming collapse measurements: feed feature batches, never hold an N x p matrix.
 
@@ -431,7 +461,8 @@ class CollapseAccumulator:
         self.num_classes = check_int("num_classes", num_classes, 2)
         self.mean_convention = check_choice("mean_convention", mean_convention, MEAN_CONVENTIONS)
         self.p: int | None = None
-        self.counts = self.shift = self.shifted_sums = self.scatter = None
+        self.counts = self.shift = self.shifted_sums = None
+        self._scatter: Tensor | None = None  # upper block triangle of A (see _add_scatter)
         self.seen: Tensor | None = None
 
     def _init(self, p: int, device: torch.device) -> None:
@@ -439,7 +470,7 @@ class CollapseAccumulator:
         self.p = p
         self.shift = torch.zeros(C, p, dtype=f64, device=device)
         self.shifted_sums = torch.zeros(C, p, dtype=f64, device=device)
-        self.scatter = torch.zeros(p, p, dtype=f64, device=device)
+        self._scatter = torch.zeros(p, p, dtype=f64, device=device)
         self.counts = torch.zeros(C, dtype=torch.long, device=device)
         self.seen = torch.zeros(C, dtype=torch.bool, device=device)
         self._shift_cast = self.shift
@@ -467,7 +498,18 @@ class CollapseAccumulator:
         _add_class_sums(self.shifted_sums, y, D)
         if not bool(torch.isfinite(self.shifted_sums).all()):
             _raise_if_not_finite(features)
-        self.scatter += (D.T @ D).to(torch.float64)
+        _add_scatter(self._scatter, D)
+
+    @property
+    def scatter(self) -> Tensor | None:
+        """The shifted scatter A = sum_i (h_i - k_{y_i})(h_i - k_{y_i})^T (p x p, float64, symmetric)."""
+        if self._scatter is None:
+            return None
+        return torch.triu(self._scatter) + torch.triu(self._scatter, 1).T
+
+    @scatter.setter
+    def scatter(self, value: Tensor) -> None:  # a full symmetric matrix is valid upper-triangle storage
+        self._scatter = value
 
     @property
     def n(self) -> int:
@@ -495,9 +537,10 @@ class CollapseAccumulator:
         """Within-class variability and every means/classifier measurement (no per-sample pass)."""
         means, mu_G = self.means, self.global_mean
         W, b = _check_classifier(W, b, self.num_classes, self.p)
-        out = geometry(means, mu_G, W, b)
+        gram = centred_means_gram(means, mu_G)
+        out = geometry(means, mu_G, W, b, means_gram=gram)
         Mdot = means - mu_G
-        Gp = between_class_gram_pinv(Mdot)
+        Gp = between_class_gram_pinv(Mdot, gram)
         proj = self.within_class_scatter_projected(Mdot)  # Mdot (N Sigma_W) Mdot^T, C x C
         out["within_class_variability"] = float(torch.trace(Gp @ proj @ Gp)) / self.n
         return out
