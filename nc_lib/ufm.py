@@ -76,6 +76,10 @@ class UFMConfig:
     init_scale: H and (LinearHead) W entries ~ N(0, init_scale^2), b = 0; seed; dtype
     "float32"|"float64"; snapshot_classes / snapshot_features_per_class: how much of each
     snapshot to keep (the first classes, a fixed random subsample of their features).
+    lr_H: a learning rate of its own for the features H (None: lr; gd, sgd and adam), e.g. N x lr to
+    give each h_i the step of its own sample's loss, as Markou's UFM experiments do;
+    measurement_tau: measure the features as tau h/||h|| (Markou's convention for normalised heads)
+    instead of raw (None).
     """
 
     num_classes: int = 10
@@ -97,6 +101,8 @@ class UFMConfig:
     dtype: str = "float32"
     snapshot_classes: int = 20
     snapshot_features_per_class: int = 10
+    lr_H: float | None = None
+    measurement_tau: float | None = None
 
     def validate(self) -> "UFMConfig":
         """Check every field; raise a ValueError naming the parameter and the valid choices."""
@@ -130,6 +136,13 @@ class UFMConfig:
         check_choice("dtype", self.dtype, list(DTYPES))
         check_int("snapshot_classes", self.snapshot_classes, 1)
         check_int("snapshot_features_per_class", self.snapshot_features_per_class, 0)
+        if self.lr_H is not None:
+            check_positive("lr_H", self.lr_H)
+            if self.optimizer == "lbfgs":
+                raise ValueError("lr_H applies to optimizer 'gd', 'sgd' or 'adam' (L-BFGS takes one step size "
+                                 "for all parameters); set lr_H=None.")
+        if self.measurement_tau is not None:
+            check_positive("measurement_tau", self.measurement_tau)
         return self
 
     def counts(self) -> list[int]:
@@ -164,6 +177,9 @@ class UFMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for name in ("lr_H", "measurement_tau"):  # later fields: left out at their default, so that the
+            if d[name] is None:                  # dicts (and the run hashes made of them) of earlier runs hold
+                del d[name]
         if callable(self.head):
             d["head"] = getattr(self.head, "__name__", repr(self.head))
         if isinstance(d["n_per_class"], tuple):
@@ -305,7 +321,8 @@ def _make_optimizer(model: UFM) -> torch.optim.Optimizer:
         return torch.optim.LBFGS(params, lr=lr, history_size=10, max_iter=1, line_search_fn="strong_wolfe",
                                  tolerance_grad=1e-15, tolerance_change=1e-20)
     # weight decay in the optimiser adds lambda p to the gradient: exactly the gradient of lambda/2 ||p||^2
-    pg = [{"params": ps, "weight_decay": lam} for _, ps, lam in groups]
+    pg = [{"params": ps, "weight_decay": lam, "lr": cfg.lr_H if name == "H" and cfg.lr_H is not None else lr}
+          for name, ps, lam in groups]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(pg, lr=lr)
     return torch.optim.SGD(pg, lr=lr, momentum=cfg.momentum)
@@ -323,9 +340,12 @@ class UFMHistory:
     """
 
     def __init__(self, config: UFMConfig | dict[str, Any] | None = None, *, H: Tensor | None = None,
-                 W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True) -> None:
+                 W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True,
+                 device: str | torch.device | None = None) -> None:
         self.config = as_config(config)
-        self.model = UFM(self.config, H=H, W=W, b=b)
+        self.model = UFM(self.config, H=H, W=W, b=b)  # initialised on the CPU: the same numbers on any device
+        self.device = _resolve_device(device)
+        self.model.to(self.device)
         self.optimizer = _make_optimizer(self.model)
         self.step = 0
         self.records: list[dict[str, float]] = []
@@ -393,9 +413,10 @@ class UFMHistory:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "UFMHistory":
-        state = torch.load(Path(path), weights_only=False)
-        hist = cls(state["config"], fast_path=state.get("fast_path", True))
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "UFMHistory":
+        """A saved run, on ``device`` (None: the CPU)."""
+        state = torch.load(Path(path), weights_only=False, map_location="cpu")
+        hist = cls(state["config"], fast_path=state.get("fast_path", True), device=device)
         hist.model.load_state_dict(state["model"])
         hist.optimizer.load_state_dict(state["optimizer"])
         hist.step, hist.records, hist.snapshots = state["step"], state["records"], state["snapshots"]
@@ -419,7 +440,7 @@ class UFMHistory:
             self.perm_pos = 0
         idx = self.perm[self.perm_pos:self.perm_pos + B]
         self.perm_pos += B
-        return idx
+        return idx.to(self.device)
 
     @property
     def uses_fast_path(self) -> bool:
@@ -443,7 +464,7 @@ class UFMHistory:
         Z = torch.addmm(b, H, W.T) if b is not None else H @ W.T
         G = torch.softmax(Z, dim=1) if cfg.loss == "ce" else Z
         if self._rows is None:
-            self._rows = torch.arange(N)
+            self._rows = torch.arange(N, device=H.device)
         G[self._rows, model.labels] -= 1.0
         G /= N
         gW = G.T @ H
@@ -505,7 +526,8 @@ class UFMHistory:
                 raise FloatingPointError(
                     f"the UFM diverged: the objective is {rec['objective']} at step {self.step}; lower lr "
                     f"(now {cfg.learning_rate} for optimizer={cfg.optimizer!r}, loss={cfg.loss!r}).")
-            rec.update(measure_collapse(H, model.labels, cfg.num_classes, W, b))
+            feats = H if cfg.measurement_tau is None else cfg.measurement_tau * F.normalize(H, dim=1)
+            rec.update(measure_collapse(feats, model.labels, cfg.num_classes, W, b))
             rec["accuracy"] = float((logits.argmax(1) == model.labels).double().mean())
             rec["norm_W"] = float(torch.linalg.vector_norm(W))
             rec["norm_H"] = float(torch.linalg.vector_norm(H))
@@ -522,25 +544,39 @@ class UFMHistory:
         S = min(cfg.num_classes, cfg.snapshot_classes)
         labels = self.model.labels
         if self._averaging is None or self._averaging.dtype != H.dtype:
-            onehot = torch.zeros(cfg.num_classes, labels.numel(), dtype=H.dtype)
-            onehot[labels, torch.arange(labels.numel())] = 1.0
+            onehot = torch.zeros(cfg.num_classes, labels.numel(), dtype=H.dtype, device=H.device)
+            onehot[labels, torch.arange(labels.numel(), device=H.device)] = 1.0
             self._averaging = onehot / onehot.sum(1, keepdim=True)
         means = (self._averaging @ H).to(torch.float64)  # one pass over H: class means
-        idx = self._snapshot_index
+        idx = self._snapshot_index.to(H.device)
+        cpu64 = dict(device="cpu", dtype=torch.float64)
         self.snapshots.append({
-            "step": self.step, "means": means[:S].clone(), "W": W[:S].to(torch.float64).clone(),
-            "global_mean": means.mean(0), "features": H[idx].to(torch.float64).clone(),
-            "feature_labels": labels[idx].clone(), "num_classes": cfg.num_classes,
+            "step": self.step, "means": means[:S].to(**cpu64), "W": W[:S].to(**cpu64),
+            "global_mean": means.mean(0).to(**cpu64), "features": H[idx].to(**cpu64),
+            "feature_labels": labels[idx].cpu(), "num_classes": cfg.num_classes,
         })
 
 
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> the CPU; otherwise as the training engine ("auto", "cpu", "cuda", "mps")."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    from .train import resolve_device
+
+    return resolve_device(device)
+
+
 def start_ufm(config: UFMConfig | dict[str, Any] | None = None, *, H: Tensor | None = None,
-              W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True) -> UFMHistory:
+              W: Tensor | None = None, b: Tensor | None = None, fast_path: bool = True,
+              device: str | torch.device | None = None) -> UFMHistory:
     """A fresh run at its seeded initialisation, or at a given point (H, W, b) (head='linear' for W, b).
 
     ``fast_path=False`` makes full-batch GD use torch.optim.SGD and autograd like every other
-    optimiser (same update, different rounding)."""
-    return UFMHistory(config, H=H, W=W, b=b, fast_path=fast_path)
+    optimiser (same update, different rounding). ``device``: where to train (None: CPU; "auto":
+    CUDA if present); the initialisation is drawn on the CPU, so a seed gives the same start anywhere."""
+    return UFMHistory(config, H=H, W=W, b=b, fast_path=fast_path, device=device)
 
 
 LIVE_KEYS = ("objective", "within_class_variability", "classifier_etf_distance", "classifier_means_alignment")
@@ -550,7 +586,7 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
               history: UFMHistory | None = None, *, progress: bool = True, live: Any = False,
               live_keys: Sequence[str] = LIVE_KEYS, stop_when: Callable[[UFMHistory], bool] | None = None,
               callback: Callable[[UFMHistory, dict[str, float]], None] | None = None,
-              num_threads: int | None = None) -> UFMHistory:
+              num_threads: int | None = None, device: str | torch.device | None = None) -> UFMHistory:
     """Train the UFM for ``steps`` more optimiser steps, measuring every ``measure_every`` steps.
 
     ``history=None`` starts a run from ``config``; pass a :class:`UFMHistory` to resume it (then
@@ -564,7 +600,8 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     measurement and stops the run when it returns True (``history.stopped_early``);
     ``callback(history, record)`` is called after each measurement.
 
-    ``num_threads``: torch threads during the call (restored after). None picks 1 for small
+    ``device``: where a new run trains (None: CPU; "auto": CUDA if present; a resumed history stays on its
+    own device). ``num_threads``: torch threads during the call (restored after). None picks 1 for small
     problems (N d <= 2^22, e.g. UFM-10), where the matrix products are too thin to share and a
     second thread only waits on a busy core, and leaves torch's setting alone otherwise.
 
@@ -574,7 +611,7 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     steps = check_int("steps", steps, 0)
     measure_every = check_int("measure_every", measure_every, 1)
     if history is None:
-        history = start_ufm(config)
+        history = start_ufm(config, device=device)
     elif not isinstance(history, UFMHistory):
         raise ValueError(f"history must be a UFMHistory from train_ufm or None; got {type(history).__name__}.")
     elif config is not None and as_config(config).to_dict() != history.config.to_dict():
@@ -616,13 +653,13 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     target = history.step + steps
     t0 = time.perf_counter()
     try:
-        if history.step % measure_every == 0 and history.step not in recorded:
+        if history.step % measure_every == 0 and history.step not in recorded and _classifier_ready(history.model.head):
             measure()
         while history.step < target:
             history._step()
             history.step += 1
             bar.update(1)
-            if history.step % measure_every == 0 or history.step == target:
+            if history.step % measure_every == 0 or history.step == target or not history.records:
                 history.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 measure()
@@ -639,6 +676,13 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
         bar.close()
         torch.set_num_threads(saved_threads)
     return history
+
+
+def _classifier_ready(head: nn.Module) -> bool:
+    """False for a head whose classifier exists only after its first training step (Markou's implicit ETF
+    head): the run then takes its first measurement after step 1."""
+    ready = getattr(head, "initialised", True)
+    return bool(ready)
 
 
 # --------------------------------------------------------------------------- the theorem

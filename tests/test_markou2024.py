@@ -86,14 +86,26 @@ def test_run_ufm_records_and_cache():
     s = tiny()
     r = mk.run_ufm(s, "implicit_etf", 0)
     steps = [rec["step"] for rec in r["records"]]
-    assert steps == [0, 4, 8, 12]
+    assert steps == [1, 4, 8, 12]  # the implicit head's classifier exists after its first step
     for k in ("loss", "accuracy", "within_class_variability", "classifier_means_alignment", "wh_equinorm",
               "average_cosine_margin"):
         assert np.isfinite(r["records"][-1][k])
     assert len(r["pcm"]) == 12 and np.all(np.diff(r["pcm"]) >= 0)
-    assert len(r["forward_s"]) == 12
+    assert r["device"] == "cpu"
     again = mk.run_ufm(s, "implicit_etf", 0)  # loaded from the cache
     assert again["records"] == r["records"]
+
+
+def test_run_ufm_is_the_ufm_engine_with_per_sample_steps():
+    s = tiny(num_classes=4, feature_dim=8, n_per_class=3, iterations=5, seeds=(0,), measure_every=5)
+    cfg = mk.ufm_config(s, "standard_nonorm", 0)
+    N = 12
+    assert cfg.lr_H == pytest.approx(s.lr * N) and cfg.lambda_H == pytest.approx(s.lambda_H / N)
+    assert cfg.measurement_tau is None and mk.ufm_config(s, "standard", 0).measurement_tau == s.tau
+    from nc_lib.ufm import train_ufm
+    h = train_ufm(cfg, steps=5, measure_every=5, progress=False)
+    r = mk.run_ufm(s, "standard_nonorm", 0, cache=False)
+    assert r["records"][-1]["loss"] == pytest.approx(h.records[-1]["loss"], rel=1e-6)
 
 
 def test_implicit_head_aligns_classifier_faster_than_learned():

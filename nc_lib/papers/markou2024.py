@@ -60,9 +60,10 @@ from torch import Tensor, nn
 
 from .. import models
 from ..heads import FixedETFHead, Head, LinearHead
-from ..metrics import cosine_margins, measure_collapse
+from ..metrics import cosine_margins
 from ..nearest_etf import CosineHead, ImplicitETFHead, StratifiedBatchSampler
 from ..paths import runs_dir
+from ..ufm import UFMConfig, train_ufm
 from ..plots import colour, plot_metric_curves
 from ..validation import check_choice, check_int, check_positive
 
@@ -129,10 +130,6 @@ def _logits(head: nn.Module, h: Tensor, labels: Tensor) -> Tensor:
     return head(h, labels) if (head.training and getattr(head, "needs_labels", False)) else head(h)
 
 
-def _measured_features(method: str, H: Tensor, tau: float) -> Tensor:
-    return H if method == "standard_nonorm" else tau * F.normalize(H, dim=1)
-
-
 # =========================================================================== UFM
 @dataclass(frozen=True)
 class UFMSetting:
@@ -194,101 +191,84 @@ def ufm_grid(scale: str = "quick") -> dict[str, UFMSetting]:
     }
 
 
-def run_ufm(setting: UFMSetting, method: str, seed: int, *, cache: bool = True) -> dict[str, Any]:
-    """Train one UFM with one head: full-batch GD + momentum on H (and on learned head parameters).
+RECORD_KEYS = ("step", "loss", "accuracy", "within_class_variability", "classifier_means_alignment", "wh_equinorm",
+               "average_cosine_margin")
+
+
+def ufm_config(setting: UFMSetting, method: str, seed: int) -> UFMConfig:
+    """The :class:`nc_lib.ufm.UFMConfig` of one run: the settings of the module doc in the UFM engine's terms.
+
+    The mean CE over N samples gives each h_i a gradient 1/N of its own loss's, so H's learning rate is
+    lr N and its weight decay lambda_H/N (i.e. lr and lambda_H per sample's CE); learned head parameters
+    take lr and lambda_W (biases too). Features start as N(0, 1/d) entries (rows near unit norm), a learned
+    linear head's rows likewise; measurements use tau h/||h|| for every normalised head."""
+    check_choice("method", method, METHODS)
+    C, d, n = setting.num_classes, setting.feature_dim, setting.n_per_class
+    N = C * n
+
+    def head(feature_dim: int, num_classes: int) -> Head:
+        return make_head(method, feature_dim, num_classes, tau=setting.tau)
+
+    head.__name__ = f"markou2024_{method}"
+    return UFMConfig(num_classes=C, n_per_class=n, feature_dim=d, loss="ce", optimizer="gd", lr=setting.lr,
+                     lr_H=setting.lr * N, momentum=setting.momentum, lambda_H=setting.lambda_H / N,
+                     lambda_W=setting.lambda_W, lambda_b=setting.lambda_W, head=head, init_scale=1 / math.sqrt(d),
+                     seed=seed, measurement_tau=None if method == "standard_nonorm" else setting.tau,
+                     snapshot_classes=1, snapshot_features_per_class=0)
+
+
+def run_ufm(setting: UFMSetting, method: str, seed: int, *, cache: bool = True,
+            device: str | torch.device | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train one UFM with one head through :func:`nc_lib.ufm.train_ufm`: full-batch GD + momentum on H
+    (and on learned head parameters), the config of :func:`ufm_config`.
 
     objective = (1/N) sum_i CE(head(h_i), y_i) + lambda_H/2 ||H||^2 + lambda_W/2 ||W, b||^2 (learned heads);
-    the cosine head's rows are renormalised after each step. Returns ``{"records": [...], "pcm":
-    sorted per-sample cosine margins at the end, "forward_s": [...], "backward_s": [...], ...}``;
-    cached under ``runs_dir()/markou2024/`` (a finished run is loaded, not retrained).
+    the cosine head's rows are renormalised after each step. Returns ``{"records": [...], "pcm": sorted
+    per-sample cosine margins at the end, "method", "seed", "setting", "device"}``; cached under
+    ``runs_dir()/markou2024/`` (a finished run is loaded, not retrained, whatever device made it).
+    ``device``: None (CPU), "auto" or "cuda" for the paper scale.
     """
     check_choice("method", method, METHODS)
     check_int("seed", seed, 0)
-    key = {"setting": setting.to_dict(), "method": method, "seed": seed, "v": 1}
+    key = {"setting": setting.to_dict(), "method": method, "seed": seed, "v": 2}
     path = runs_dir() / PAPER / f"ufm-{setting.name}-{method}-s{seed}-{_hash(key)}.pt"
     if cache and path.exists():
         return torch.load(path, weights_only=False)
-    C, d, n = setting.num_classes, setting.feature_dim, setting.n_per_class
-    N = C * n
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(C).repeat_interleave(n)
-    H = nn.Parameter(torch.randn(N, d, generator=g) / math.sqrt(d))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = make_head(method, d, C, tau=setting.tau)
-    if isinstance(head, LinearHead):
-        with torch.no_grad():
-            head.linear.weight.copy_(torch.randn(C, d, generator=g) / math.sqrt(d))
-    # mean CE over N samples: per-sample gradients scale as 1/N, so the lr on H is scaled by N
-    groups = [{"params": [H], "weight_decay": setting.lambda_H / N, "lr": setting.lr * N}]
-    learned = [p for p in head.parameters() if p.requires_grad]
-    if learned:
-        groups.append({"params": learned, "weight_decay": setting.lambda_W, "lr": setting.lr})
-    opt = torch.optim.SGD(groups, lr=setting.lr, momentum=setting.momentum)
-    renorm = bool(getattr(head, "renormalise_after_step", False))
-    records: list[dict[str, float]] = []
-    fwd: list[float] = []
-    bwd: list[float] = []
-
-    def measure(step: int) -> None:
-        head.eval()
-        with torch.no_grad():
-            logits = head(H)
-            W, b = head.classifier()
-            feats = _measured_features(method, H.detach(), setting.tau)
-            rec = {"step": step, "loss": float(F.cross_entropy(logits, labels)),
-                   "accuracy": float((logits.argmax(1) == labels).double().mean())}
-            m = measure_collapse(feats, labels, C, W, b)
-            for k in ("within_class_variability", "classifier_means_alignment", "wh_equinorm", "average_cosine_margin"):
-                rec[k] = float(m[k])
-        head.train()
-        records.append(rec)
-
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for step in range(setting.iterations):
-            if step % setting.measure_every == 0 and step > 0:
-                measure(step)
-            opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(_logits(head, H, labels), labels)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            if renorm:
-                head.renormalise_()
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            if step == 0:
-                measure(0)  # after the first step: the implicit head's classifier exists only then
-        measure(setting.iterations)
-        with torch.no_grad():
-            feats = _measured_features(method, H.detach(), setting.tau)
-            W, _ = head.classifier()
-            pcm = torch.sort(cosine_margins(feats, labels, W, feats.mean(0))).values.numpy()
-    finally:
-        torch.set_num_threads(torch_threads)
-    out = {"records": records, "pcm": pcm, "forward_s": fwd, "backward_s": bwd, "method": method, "seed": seed,
-           "setting": setting.to_dict()}
+    history = train_ufm(ufm_config(setting, method, seed), steps=setting.iterations,
+                        measure_every=setting.measure_every, progress=progress, device=device)
+    records = [{k: r[k] for k in RECORD_KEYS} for r in history.records]
+    cfg = history.config
+    with torch.no_grad():
+        H = history.model.H.detach()
+        feats = H if cfg.measurement_tau is None else cfg.measurement_tau * F.normalize(H, dim=1)
+        W, _ = history.model.classifier()
+        pcm = torch.sort(cosine_margins(feats, history.labels, W, feats.mean(0))).values.cpu().numpy()
+    out = {"records": records, "pcm": pcm, "method": method, "seed": seed, "setting": setting.to_dict(),
+           "device": str(history.device), "seconds": history.elapsed}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
     return out
 
 
-def run_ufm_grid(grid: dict[str, UFMSetting], *, names: Sequence[str] | None = None,
-                 progress: bool = True) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``results[setting][method] = [run per seed]`` for the settings ``names`` (default all)."""
+def run_ufm_grid(grid: dict[str, UFMSetting], *, names: Sequence[str] | None = None, progress: bool = True,
+                 device: str | torch.device | None = None,
+                 methods: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``results[setting][method] = [run per seed]`` for the settings ``names`` (default all) and of each
+    the ``methods`` it has (default all of them)."""
+    if methods is not None:
+        for m in methods:
+            check_choice("methods", m, METHODS)
     names = list(grid) if names is None else list(names)
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in names:
         s = grid[check_choice("names", name, list(grid))]
         out[name] = {}
         for m in s.methods:
+            if methods is not None and m not in methods:
+                continue
             t0 = time.perf_counter()
-            out[name][m] = [run_ufm(s, m, seed) for seed in s.seeds]
+            out[name][m] = [run_ufm(s, m, seed, device=device) for seed in s.seeds]
             if progress:
                 print(f"{name} {m}: {len(s.seeds)} seed(s), {time.perf_counter() - t0:.1f}s, final acc "
                       f"{statistics.median(r['records'][-1]['accuracy'] for r in out[name][m]):.3f}")
@@ -802,3 +782,58 @@ def table_html(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{_html.escape(str(c))}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# =========================================================================== command line
+def ufm_summary(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One row per (setting, method): median [min, max] over seeds of the final accuracy (%), NC1, NC3 and
+    average cosine margin, the first step with 100% accuracy (median) and the median seconds per run."""
+    rows = []
+    for name, by_method in results.items():
+        for method, runs in by_method.items():
+            last = [r["records"][-1] for r in runs]
+            first_full = [next((rec["step"] for rec in r["records"] if rec["accuracy"] >= 1.0), None) for r in runs]
+            reached = [s for s in first_full if s is not None]
+            def spread(key: str, scale: float = 1.0) -> str:
+                v = [scale * rec[key] for rec in last]
+                return f"{statistics.median(v):.4g} [{min(v):.4g}, {max(v):.4g}]"
+
+            rows.append({"setting": name, "method": method, "seeds": len(runs), "accuracy_pct": spread("accuracy", 100),
+                         **{k: spread(k) for k in ("within_class_variability", "classifier_means_alignment",
+                                                   "average_cosine_margin")},
+                         "step_100pct": statistics.median(reached) if len(reached) == len(runs) else None,
+                         "seconds": statistics.median(r.get("seconds", float("nan")) for r in runs),
+                         "device": runs[0].get("device", "cpu")})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nc_lib.papers.markou2024 ufm --scale paper --device cuda [--only ufm1000] [--json out.json]``:
+    train (or load from the run store) the UFM grid of a scale and print the summary table; the notebook
+    then draws the figures from the finished runs in seconds."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nc_lib.papers.markou2024", description=main.__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("ufm", help="train the UFM grid (Figs. 2-3 and the appendix UFM panels)")
+    u.add_argument("--scale", choices=SCALES, default="quick")
+    u.add_argument("--device", default=None, help="cpu (default), cuda or auto")
+    u.add_argument("--only", nargs="*", default=None, help="settings to run (ufm10 ufm100 ufm200 ufm1000)")
+    u.add_argument("--methods", nargs="*", default=None, help=f"heads to run (of {', '.join(METHODS)})")
+    u.add_argument("--json", default=None, help="also write the summary rows to this JSON file")
+    a = p.parse_args(argv)
+    grid = ufm_grid(a.scale)
+    results = run_ufm_grid(grid, names=a.only, device=a.device, methods=a.methods)
+    rows = ufm_summary(results)
+    cols = list(rows[0])
+    print("\t".join(cols))
+    for r in rows:
+        print("\t".join(str(r[c]) for c in cols))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"scale": a.scale, "settings": {n: grid[n].to_dict() for n in results},
+                                            "rows": rows}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
