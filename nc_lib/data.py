@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .nearest_etf import StratifiedBatchSampler
 from .paths import data_dir
 from .validation import check_choice, check_int, check_positive
 
@@ -559,13 +560,27 @@ def _batch_identity(batch: Any) -> Any:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, *,
-                drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False,
+                stratified: bool = False) -> DataLoader:
     """A DataLoader whose order is fixed by ``(seed, epoch)`` (see :class:`EpochBatchSampler`).
 
-    In-memory datasets (:class:`ArrayDataset`) are served a whole batch per fetch. Use
-    ``loader.batch_sampler.set_epoch(e)`` (or :func:`set_loader_epoch`) to move to epoch ``e``.
+    ``stratified=True``: batches of :class:`nc_lib.nearest_etf.StratifiedBatchSampler` on
+    ``dataset.targets`` (every class in every batch when num_classes <= batch_size, sizes balanced
+    at about N/ceil(N/batch_size); ``shuffle`` is implied and ``drop_last`` not supported), also a
+    function of ``(seed, epoch)`` only. In-memory datasets (:class:`ArrayDataset`) are served a whole
+    batch per fetch. Use ``loader.batch_sampler.set_epoch(e)`` (or :func:`set_loader_epoch`) to move
+    to epoch ``e``.
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
+    if stratified:
+        if drop_last:
+            raise ValueError("drop_last=True is not supported with stratified=True (stratified batches have "
+                             "balanced sizes); use drop_last=False.")
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            raise ValueError("stratified=True needs a dataset with a `targets` attribute (the labels).")
+        sampler: Sampler = StratifiedBatchSampler(torch.as_tensor(targets), batch_size, seed=int(seed))
+    else:
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
     collate = _batch_identity if isinstance(dataset, ArrayDataset) else None
     kwargs: dict[str, Any] = {"batch_sampler": sampler, "num_workers": num_workers, "pin_memory": pin_memory}
     if collate is not None:
@@ -574,7 +589,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Fix the shuffling order of ``loader`` to that of ``epoch``."""
+    """Fix the shuffling order of ``loader`` (an :class:`EpochBatchSampler` or a stratified one) to
+    that of ``epoch``."""
     bs = getattr(loader, "batch_sampler", None)
-    if isinstance(bs, EpochBatchSampler):
+    if isinstance(bs, (EpochBatchSampler, StratifiedBatchSampler)):
         bs.set_epoch(epoch)

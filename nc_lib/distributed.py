@@ -18,7 +18,13 @@ slices, one per rank (:class:`DistributedEpochBatchSampler`), and each rank weig
 batch's mean loss. Without batch norm this is the single-process run up to float rounding; batch
 norm is converted to SyncBatchNorm on GPUs (statistics of the global batch), and on CPUs (gloo)
 each rank normalises its own slice. A last global batch with fewer samples than ranks is dropped.
-Augmentation randomness is seeded per (seed, epoch, rank). LBFGS is not supported.
+Augmentation randomness is seeded per (seed, epoch, rank). LBFGS is not supported; AGD is (every
+rank draws the same initialisation from the same seed and takes the same step from the averaged
+gradients). With ``stratified_batches`` the global batches are the engine's stratified batches,
+each dealt out over the ranks by class (:class:`DistributedEpochBatchSampler`). A head whose
+forward depends on the batch through buffers (Markou's implicit ETF head: running class means and
+the nearest ETF) computes them on each rank from its slice (DDP broadcasts rank 0's buffers before
+every forward), so such runs are not the single-process run up to rounding.
 
 Measurements. Each rank streams its contiguous shard of the (un-augmented) training and test sets
 (:class:`ShardBatchSampler`, no padding, no duplicates) through a
@@ -32,7 +38,8 @@ mean before summing,
 
 so the pooled within-class scatter N Sigma_W = A' - sum_c d'_c d'_c^T / n_c is that of all the data.
 The per-sample passes (NCC mismatch, accuracy, cosine margins, loss) reduce their counts and sums
-(:func:`reduce_sample_pass`). Float64 features give the single-process numbers to ~1e-12; float32
+(:func:`reduce_sample_pass`). The passes themselves are :func:`nc_lib.train.measure`'s, given these
+reductions (:func:`rank_reduce`). Float64 features give the single-process numbers to ~1e-12; float32
 features (the engine's default) to float32 rounding of the per-batch products.
 """
 from __future__ import annotations
@@ -54,9 +61,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import ArrayDataset, _batch_identity, epoch_order, without_augmentation
 from .metrics import CollapseAccumulator, SampleAccumulator
-from .train import (FeatureTap, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _autocast, _build,
-                    _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint, _snapshot_indices,
-                    environment_record, load_run, resolve_device, run_dir, train_epoch)
+from .nearest_etf import StratifiedBatchSampler
+from .train import (MeasureReduce, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _build,
+                    _fresh_start, _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint,
+                    _snapshot_indices, environment_record, load_run, measure, resolve_device, run_dir, train_epoch)
 from .validation import check_choice, check_int
 
 BACKENDS = ("gloo", "nccl")
@@ -162,71 +170,23 @@ def reduce_sample_pass(sp: SampleAccumulator) -> SampleAccumulator:
     return sp
 
 
-def _keep_precision(features: Tensor) -> Tensor:
-    """float64 features stay float64 (exact reductions); lower precisions become float32."""
-    return features if features.dtype == torch.float64 else features.float()
+def rank_reduce(device: torch.device) -> MeasureReduce:
+    """The reductions across ranks of :func:`nc_lib.train.measure`'s passes: running sums all-reduced
+    (on the CPU under gloo), :func:`reduce_accumulator`, :func:`reduce_sample_pass`."""
+    red_dev = device if (rank_and_world()[1] == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
+    return MeasureReduce(sums=lambda t: _all_reduce_(t.to(red_dev)),
+                         accumulator=lambda acc: reduce_accumulator(acc, device=device),
+                         sample_pass=reduce_sample_pass)
 
 
-@torch.no_grad()
 def measure_distributed(model: nn.Module, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
                         device: torch.device, *, train_sample_pass: bool = False,
                         amp: bool = False) -> tuple[dict[str, float], CollapseAccumulator]:
     """:func:`nc_lib.train.measure` over sharded loaders, reduced across ranks (every rank gets
-    the same numbers). With one process it is the single-process measurement; float64 models
-    keep float64 features throughout."""
-    was_training = model.training
-    model.eval()
-    ce = nn.CrossEntropyLoss(reduction="sum")
-    acc = CollapseAccumulator(num_classes)
-    out: dict[str, float] = {}
-    red_dev = device if (rank_and_world()[1] == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
-    with FeatureTap(model) as tap:
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                logits = model(x)
-            logits = logits if logits.dtype == torch.float64 else logits.float()
-            stats[0] += ce(logits, y).double()
-            stats[1] += (logits.argmax(1) == y).sum()
-            stats[2] += len(y)
-            acc.update(_keep_precision(tap.features), y)
-        stats = _all_reduce_(stats.to(red_dev))
-        n = float(stats[2])
-        out["train_loss"] = float(stats[0]) / n
-        out["train_accuracy"] = float(stats[1]) / n
-        out["train_error"] = 1.0 - float(stats[1]) / n
-        reduce_accumulator(acc, device=device)
-        W, b = model.head.classifier()
-        W = W if W.dtype == torch.float64 else W.float()
-        b = None if b is None else (b if b.dtype == torch.float64 else b.float())
-        out.update(acc.result(W, b))
-        if train_sample_pass:
-            sp = acc.sample_pass(W, b)
-            for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, amp):
-                    model(x)
-                sp.update(_keep_precision(tap.features), y)
-            out.update(reduce_sample_pass(sp).result())
-        if test_loader is not None:
-            sp = acc.sample_pass(W, b)
-            stats = torch.zeros(2, dtype=torch.float64, device=device)
-            for x, y in test_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, amp):
-                    logits = model(x)
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                stats[0] += ce(logits, y).double()
-                stats[1] += len(y)
-                sp.update(_keep_precision(tap.features), y)
-            stats = _all_reduce_(stats.to(red_dev))
-            out["test_loss"] = float(stats[0]) / float(stats[1])
-            out.update(reduce_sample_pass(sp).result("_test"))
-            out["test_accuracy"] = out["accuracy_test"]
-            out["test_error"] = 1.0 - out["accuracy_test"]
-    model.train(was_training)
-    return out, acc
+    the same numbers): the same passes, with :func:`rank_reduce` combining them. With one process
+    it is the single-process measurement; float64 models keep float64 features throughout."""
+    return measure(model, train_loader, test_loader, num_classes, device, train_sample_pass=train_sample_pass,
+                   amp=amp, reduce=rank_reduce(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,39 +216,74 @@ class ShardBatchSampler(Sampler[list[int]]):
 
 
 class DistributedEpochBatchSampler(Sampler[list[int]]):
-    """This rank's slice of each global batch of :class:`nc_lib.data.EpochBatchSampler`'s order.
+    """This rank's slice of each global batch of the single-process engine's batches.
 
-    Epoch e: ``randperm(n)`` seeded by ``seed * 1_000_003 + e`` (the engine's order), cut into
-    global batches of ``batch_size``; rank r takes the r-th of ``world`` contiguous slices of each.
+    Epoch e: ``randperm(n)`` seeded by ``seed * 1_000_003 + e`` (the engine's order,
+    :class:`nc_lib.data.EpochBatchSampler`), cut into global batches of ``batch_size``; rank r takes
+    the r-th of ``world`` contiguous slices of each.
+
+    ``labels`` given (the engine's ``stratified_batches=True``): the global batches are those of
+    :class:`nc_lib.nearest_etf.StratifiedBatchSampler` (labels, batch_size, seed) at epoch e, the
+    single-process engine's batches, so every class is in every global batch when
+    num_classes <= batch_size. Each global batch is sorted by class (stably) and dealt out in turn,
+    rank r taking positions r, r + world, ... of the sorted batch (its slice then keeps the global
+    batch's order, so one process sees exactly the engine's batches): a class with at least
+    ``world`` samples in the global batch reaches every rank's slice (what a head computing
+    per-batch class means needs on each rank).
+
     Global batches with fewer than ``world`` samples are dropped (every rank needs a sample).
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world: int | None = None) -> None:
+                 world: int | None = None, labels: Sequence[int] | Tensor | None = None) -> None:
         r, w = rank_and_world()
         self.n, self.seed, self.shuffle = n, int(seed), shuffle
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.batch_size = check_int("batch_size", batch_size, self.world)
         self.epoch = 0
+        self.labels: Tensor | None = None
+        self._stratified: StratifiedBatchSampler | None = None
+        if labels is not None:
+            self.labels = torch.as_tensor(labels).long().reshape(-1)
+            if self.labels.numel() != n:
+                raise ValueError(f"labels must hold one label per sample: {self.labels.numel()} labels for n={n}.")
+            if not shuffle:
+                raise ValueError("shuffle=False is not valid with labels (stratified batches are shuffled).")
+            self._stratified = StratifiedBatchSampler(self.labels, self.batch_size, seed=self.seed)
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def global_batches(self) -> list[list[int]]:
+        """The global batches of the current epoch (at least ``world`` samples each), in order."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        if self._stratified is not None:
+            self._stratified.set_epoch(self.epoch)
+            batches = self._stratified.batches()
+        else:
+            order = epoch_order(self.n, self.shuffle, self.seed, self.epoch)
+            batches = [order[s:s + self.batch_size] for s in range(0, self.n, self.batch_size)]
+        batches = [b for b in batches if len(b) >= self.world]
+        self._cache = (self.epoch, batches)
+        return batches
+
     def global_sizes(self) -> list[int]:
         """Sizes of the global batches this epoch yields, in order."""
-        return [min(self.batch_size, self.n - s) for s in range(0, self.n, self.batch_size)
-                if min(self.batch_size, self.n - s) >= self.world]
+        return [len(b) for b in self.global_batches()]
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch)
-        for s in range(0, self.n, self.batch_size):
-            batch = order[s:s + self.batch_size]
-            if len(batch) < self.world:
-                return
-            yield batch[self.rank * len(batch) // self.world:(self.rank + 1) * len(batch) // self.world]
+        for batch in self.global_batches():
+            if self.labels is not None:
+                idx = torch.tensor(batch)
+                mine = torch.argsort(self.labels[idx], stable=True)[self.rank::self.world]
+                yield idx[torch.sort(mine).values].tolist()  # in the global batch's order
+            else:
+                yield batch[self.rank * len(batch) // self.world:(self.rank + 1) * len(batch) // self.world]
 
     def __len__(self) -> int:
-        return len(self.global_sizes())
+        return len(self.global_batches())
 
 
 def _loader(dataset: Dataset, sampler: Sampler, pin: bool = False) -> DataLoader:
@@ -319,7 +314,8 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     SyncBatchNorm (default: on GPUs). stop_after_epochs: stop once that many epochs are done (as if killed).
     """
     if config.optimizer == "lbfgs":
-        raise ValueError("optimizer='lbfgs' is not supported in data-parallel training; choose one of ['sgd', 'adam'].")
+        raise ValueError("optimizer='lbfgs' is not supported in data-parallel training; choose one of "
+                         "['sgd', 'adam', 'agd'].")
     rank, world = rank_and_world()
     path = run_dir(config)
     if (path / "done.json").exists():
@@ -338,7 +334,8 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     train_set, test_set = _load_data(config)
     C = train_set.num_classes
     pin = device.type == "cuda"
-    sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed)
+    sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed,
+                                           labels=train_set.targets if config.stratified_batches else None)
     train_loader = _loader(train_set, sampler, pin)
     eval_set = without_augmentation(train_set)
     eval_train = _loader(eval_set, ShardBatchSampler(len(eval_set), config.eval_batch_size), pin)
@@ -358,6 +355,8 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     sched = _make_scheduler(config, opt)
     _barrier()  # rank 0 has made the directory
     start = _resume_checkpoint(path, model, opt, sched, restore_rng=False)
+    if start == 0:
+        _fresh_start(model, opt)  # AGD's initialisation: the same on every rank (same seed)
     writer = RunWriter(config, path, model_info, eval_set, snap_idx, write=rank == 0,
                        timing_extra={"world_size": world})
     writer.resume(start)
@@ -370,11 +369,12 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     measure_at = set(config.measurement_epochs())
     use_amp = config.amp and device.type == "cuda"
     red_dev = device if (world == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
+    reduce = rank_reduce(device)
 
     def measure_fn() -> tuple[dict[str, float], CollapseAccumulator]:
         _sync_buffers(model)
-        return measure_distributed(model, eval_train, eval_test, C, device,
-                                   train_sample_pass=config.train_sample_pass, amp=use_amp)
+        return measure(model, eval_train, eval_test, C, device, train_sample_pass=config.train_sample_pass,
+                       amp=use_amp, reduce=reduce)
 
     bar = None
     if progress and rank == 0:

@@ -31,6 +31,23 @@ Loss: cross-entropy + ``feature_decay``/2 * mean_i ||h_i||^2 on the *raw* penult
 weight decay through the optimiser (added to the loss for LBFGS). Heads with ``needs_labels``
 (Markou's implicit ETF head) are called as ``head(h, y)`` in training; heads with
 ``renormalise_after_step`` (Markou's cosine head) get ``head.renormalise_()`` after every step.
+
+Optimisers: SGD (momentum), Adam, LBFGS (strong Wolfe) with a step or multistep lr schedule, and
+``optimizer="agd"``, automatic gradient descent (Bernstein et al. 2023, :mod:`nc_lib.agd`; Markou
+et al. 2024's released scripts train with it). AGD has no learning rate, schedule or weight decay:
+``weight_decay`` (and ``head_weight_decay``) must be 0 and the schedule constant (``schedule="none"``),
+else TrainConfig raises ValueError; ``lr``, ``momentum``, ``gamma``, ``step_size`` are unused and
+``agd_gain`` scales its steps. AGD updates the weight tensors only: the model's 1-D parameters
+(biases, batch-norm scales and shifts) are *frozen*, and a fresh run sets them to 0 (biases) and 1
+(normalisation weights), so the network computes what the released scripts' networks (no biases,
+``BatchNorm(affine=False)``) compute, then draws AGD's orthogonal initialisation from the seeded RNG;
+a resumed run takes both from its checkpoint. The records' ``lr`` is then the epoch's mean
+automatic step size eta.
+
+``stratified_batches=True`` draws the training batches with
+:class:`nc_lib.nearest_etf.StratifiedBatchSampler` (seeded by ``seed``, epoch set by the engine):
+every class is in every batch when num_classes <= batch_size, as Markou et al.'s implicit ETF head
+needs; batches are then of balanced size (about N/ceil(N/batch_size)).
 """
 from __future__ import annotations
 
@@ -51,13 +68,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .agd import AGD, agd_parameters, reset_frozen_parameters
 from .data import DATASETS, dataset_info, load_train_test, make_loader, set_loader_epoch, without_augmentation
-from .metrics import CollapseAccumulator
+from .metrics import CollapseAccumulator, SampleAccumulator
 from .models import MODELS, Classifier, build_model
 from .paths import runs_dir
 from .validation import check_choice, check_int, check_nonnegative, check_positive
 
-OPTIMIZERS = ("sgd", "adam", "lbfgs")
+OPTIMIZERS = ("sgd", "adam", "lbfgs", "agd")
 SCHEDULES = ("none", "step", "multistep")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -72,10 +90,18 @@ PAPYAN_LRS: tuple[float, ...] = tuple(float(v) for v in np.logspace(math.log10(1
 #: config fields that do not change the numbers of a run (left out of its hash)
 UNHASHED_FIELDS = ("keep_all_checkpoints", "eval_batch_size")
 
+#: fields added after runs were stored: left out of the hash while they hold these defaults, so the
+#: hash (and run directory) of every configuration written before they existed stays the same
+HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0}
+
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Two configs with equal fields share a run directory."""
+    """Everything that defines a run. Two configs with equal fields share a run directory.
+
+    ``optimizer``: one of :data:`OPTIMIZERS` (``"agd"``: see the module docstring, with
+    ``agd_gain``). ``stratified_batches``: every class in every training batch (module docstring).
+    """
 
     # data
     dataset: str = "digits"
@@ -100,12 +126,14 @@ class TrainConfig:
     head_weight_decay: float | None = None
     feature_decay: float = 0.0
     batch_size: int = 128
+    stratified_batches: bool = False
     epochs: int = 10
     schedule: str = "multistep"
     milestones: tuple[int, ...] = ()
     step_size: int = 40
     gamma: float = 0.1
     lbfgs_history: int = 10
+    agd_gain: float = 1.0
     # measurement
     measure_epochs: tuple[int, ...] | None = None
     train_sample_pass: bool = False
@@ -136,6 +164,13 @@ class TrainConfig:
         check_positive("gamma", self.gamma)
         check_int("snapshot_per_class", self.snapshot_per_class, 0)
         self.milestones = tuple(int(m) for m in self.milestones)
+        if not isinstance(self.stratified_batches, bool):
+            raise ValueError(f"stratified_batches must be True or False, got {self.stratified_batches!r}.")
+        self.agd_gain = check_positive("agd_gain", self.agd_gain)
+        if not math.isfinite(self.agd_gain):
+            raise ValueError(f"agd_gain must be finite, got {self.agd_gain}.")
+        if self.optimizer == "agd":
+            self._check_agd()
         if self.measure_epochs is not None:
             eps = sorted({check_int("measure_epochs", e, 1, self.epochs) for e in self.measure_epochs})
             self.measure_epochs = tuple(eps)
@@ -144,6 +179,21 @@ class TrainConfig:
         if "image_size" in self.dataset_kwargs:
             self.dataset_kwargs["image_size"] = list(self.dataset_kwargs["image_size"]) if not isinstance(
                 self.dataset_kwargs["image_size"], int) else self.dataset_kwargs["image_size"]
+
+    def _check_agd(self) -> None:
+        """AGD has no weight decay and no learning-rate schedule (Bernstein et al. 2023): asking for
+        either is an error, not silently ignored. ``lr``, ``momentum``, ``gamma``, ``step_size`` and
+        ``lbfgs_history`` are unused by AGD (as momentum is by Adam)."""
+        if self.weight_decay != 0:
+            raise ValueError(f"weight_decay={self.weight_decay} is not valid with optimizer='agd': AGD has no weight "
+                             "decay; set weight_decay=0.")
+        if self.head_weight_decay not in (None, 0):
+            raise ValueError(f"head_weight_decay={self.head_weight_decay} is not valid with optimizer='agd': AGD has "
+                             "no weight decay; set head_weight_decay=None.")
+        if self.schedule == "step" or (self.schedule == "multistep" and self.milestones):
+            raise ValueError(f"schedule={self.schedule!r} (milestones={list(self.milestones)}, step_size="
+                             f"{self.step_size}) is not valid with optimizer='agd': AGD sets its own step size and "
+                             "has no learning-rate schedule; set schedule='none'.")
 
     # ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -168,8 +218,10 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def config_hash(self) -> str:
-        """SHA-256 (first 12 hex digits) of the canonical JSON of every field that changes the numbers."""
-        d = {k: v for k, v in self.to_dict().items() if k not in UNHASHED_FIELDS}
+        """SHA-256 (first 12 hex digits) of the canonical JSON of every field that changes the numbers
+        (fields of :data:`HASHED_UNLESS_DEFAULT` only when they differ from their default)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in UNHASHED_FIELDS
+             and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -357,6 +409,12 @@ def _build(config: TrainConfig, device: torch.device, info: dict[str, Any] | Non
 
 
 def _make_optimizer(config: TrainConfig, model: Classifier) -> torch.optim.Optimizer:
+    """The optimiser of ``config``. AGD (:class:`nc_lib.agd.AGD`, gain ``agd_gain``) gets the model's
+    weight tensors; its 1-D parameters (biases, batch-norm scales and shifts) are frozen here
+    (``requires_grad=False``), and :func:`_fresh_start` sets them to 0 / 1 in a fresh run, as in
+    the released AGD networks (no biases, ``BatchNorm(affine=False)``)."""
+    if config.optimizer == "agd":
+        return AGD(agd_parameters(model), gain=config.agd_gain)
     body = [p for p in model.body.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]
     hwd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
@@ -371,12 +429,41 @@ def _make_optimizer(config: TrainConfig, model: Classifier) -> torch.optim.Optim
     return torch.optim.Adam(groups, lr=config.lr)
 
 
+class NoSchedule:
+    """The scheduler of an optimiser without a learning rate (AGD): ``step`` does nothing, and the
+    state dict is empty (checkpoints keep their ``scheduler`` entry)."""
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def _make_scheduler(config: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.optimizer == "agd":
+        return NoSchedule()  # type: ignore[return-value]
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
     if config.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+
+
+def _fresh_start(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What a fresh run (no checkpoint to resume) does to the built model before its first epoch:
+    under AGD, the frozen 1-D parameters take the values of a network without them
+    (:func:`nc_lib.agd.reset_frozen_parameters`) and the weights AGD's orthogonal initialisation
+    (:meth:`nc_lib.agd.AGD.init_weights`, from the seeded RNG). Nothing for other optimisers."""
+    if isinstance(opt, AGD):
+        reset_frozen_parameters(model)
+        opt.init_weights()
+        head = getattr(model, "head", None)
+        if getattr(head, "renormalise_after_step", False):  # keep the cosine head's unit rows
+            head.renormalise_()
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -422,62 +509,86 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+class MeasureReduce(NamedTuple):
+    """How :func:`measure` combines its passes across data-parallel ranks (see
+    :func:`nc_lib.distributed.measure_distributed`); without one, each process measures alone.
+
+    ``sums(t)``: all-reduce the float64 running sums ``[loss sum, correct, n]`` of a pass;
+    ``accumulator(acc)``: merge the ranks' :class:`CollapseAccumulator` in place;
+    ``sample_pass(sp)``: merge the ranks' :class:`SampleAccumulator` in place."""
+
+    sums: Callable[[Tensor], Tensor]
+    accumulator: Callable[[CollapseAccumulator], CollapseAccumulator]
+    sample_pass: Callable[[SampleAccumulator], SampleAccumulator]
+
+
+def _keep_precision(t: Tensor) -> Tensor:
+    """float64 stays float64 (exact reductions of float64 models); lower precisions become float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _stream_pass(model: nn.Module, tap: FeatureTap, loader: Iterable, device: torch.device, amp: bool,
+                 update: Callable[[Tensor, Tensor], Any], sums: Tensor | None = None) -> None:
+    """One eval pass over ``loader``: per batch, the logits ``model(x)``, then ``update(h, y)`` with the
+    penultimate features h from ``tap``; with ``sums`` (float64, 3 entries) also adds the summed
+    cross-entropy, the number correct and the number of samples into it (on the device: no host
+    synchronisation per batch)."""
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        if sums is not None:
+            logits = _keep_precision(logits)
+            sums[0] += ce(logits, y).double()
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+        update(_keep_precision(tap.features), y)
+
+
 @torch.no_grad()
 def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
-            device: torch.device, *, train_sample_pass: bool = False, amp: bool = False) -> tuple[dict[str, float], CollapseAccumulator]:
+            device: torch.device, *, train_sample_pass: bool = False, amp: bool = False,
+            reduce: MeasureReduce | None = None) -> tuple[dict[str, float], CollapseAccumulator]:
     """Every collapse measurement of ``model`` (eval mode) on the given (un-augmented) loaders.
 
     Pass 1 (train): features streamed from a forward hook on the head into a CollapseAccumulator,
     plus loss and accuracy. Optional pass 2 (train): per-sample measurements against the final
     means. Pass 3 (test): loss, accuracy, NCC mismatch / accuracy and cosine margin against the
-    training means (keys ``*_test``).
+    training means (keys ``*_test``). Features, logits and the classifier stay float64 for float64
+    models and are float32 otherwise. ``reduce``: combine each pass across data-parallel ranks
+    (:class:`MeasureReduce`; the loaders then hold each rank's shard).
     """
     was_training = model.training
     model.eval()
-    ce = nn.CrossEntropyLoss(reduction="sum")
     acc = CollapseAccumulator(num_classes)
     out: dict[str, float] = {}
     with FeatureTap(model) as tap:
-        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-        correct_acc = torch.zeros((), dtype=torch.long, device=device)
-        n = 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                logits = model(x)
-            logits = logits.float()
-            loss_acc += ce(logits, y).double()
-            correct_acc += (logits.argmax(1) == y).sum()
-            n += len(y)
-            acc.update(tap.features.float(), y)
-        correct = int(correct_acc)
-        out["train_loss"] = float(loss_acc) / n
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+        _stream_pass(model, tap, train_loader, device, amp, acc.update, sums)
+        if reduce is not None:
+            sums = reduce.sums(sums)
+            acc = reduce.accumulator(acc)
+        loss_sum, correct, n = float(sums[0]), float(sums[1]), float(sums[2])
+        out["train_loss"] = loss_sum / n
         out["train_accuracy"] = correct / n
         out["train_error"] = 1.0 - correct / n
         W, b = model.head.classifier()
-        W = W.float()
-        b = None if b is None else b.float()
+        W = _keep_precision(W)
+        b = None if b is None else _keep_precision(b)
         out.update(acc.result(W, b))
         if train_sample_pass:
             sp = acc.sample_pass(W, b)
-            for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, amp):
-                    model(x)
-                sp.update(tap.features.float(), y)
-            out.update(sp.result())
+            _stream_pass(model, tap, train_loader, device, amp, sp.update)
+            out.update((sp if reduce is None else reduce.sample_pass(sp)).result())
         if test_loader is not None:
             sp = acc.sample_pass(W, b)
-            loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-            n = 0
-            for x, y in test_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, amp):
-                    logits = model(x)
-                loss_acc += ce(logits.float(), y).double()
-                n += len(y)
-                sp.update(tap.features.float(), y)
-            out["test_loss"] = float(loss_acc) / n
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            _stream_pass(model, tap, test_loader, device, amp, sp.update, sums)
+            if reduce is not None:
+                sums = reduce.sums(sums)
+                sp = reduce.sample_pass(sp)
+            out["test_loss"] = float(sums[0]) / float(sums[2])
             out.update(sp.result("_test"))
             out["test_accuracy"] = out["accuracy_test"]
             out["test_error"] = 1.0 - out["accuracy_test"]
@@ -560,7 +671,8 @@ class _Step(nn.Module):
 
 
 class EpochResult(NamedTuple):
-    """Running sums of one training epoch (over all ranks) and the learning rate it used."""
+    """Running sums of one training epoch (over all ranks) and the learning rate it used (under
+    AGD: the mean of its automatic step size eta over the epoch's steps)."""
 
     loss_sum: float
     correct: int
@@ -580,6 +692,8 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     raw features); LBFGS evaluates it in a closure that also adds the weight decays
     (weight_decay/2 * ||theta_body||^2 + head_weight_decay/2 * ||theta_head||^2); then backward, step,
     and ``head.renormalise_()`` for heads with ``renormalise_after_step`` (Markou et al. 2024's cosine head).
+    AGD (:class:`nc_lib.agd.AGD`) steps like SGD without a learning rate; the epoch's ``lr`` is then
+    the mean of its step sizes eta (every rank computes the same eta from the all-reduced gradients).
 
     Hooks for data-parallel training: ``forward(x, y) -> (h, logits)`` replaces :class:`_Step` (body + head;
     a DDP wrapper of it); ``loss_weight(i, y)`` multiplies batch i's loss before backward; ``reduce_sums(t)``
@@ -595,8 +709,11 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
         body_params = [p for p in model.body.parameters() if p.requires_grad]
         head_params = [p for p in model.head.parameters() if p.requires_grad]
         head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    agd = isinstance(opt, AGD)
     # running sums stay on the device: no host synchronisation per step
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+    eta_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if lbfgs:
@@ -624,6 +741,9 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
                     loss = loss + 0.5 * config.feature_decay * h.float().pow(2).sum(1).mean()
             (loss if loss_weight is None else loss * loss_weight(i, y)).backward()
             opt.step()
+            if agd and opt.last_eta is not None:
+                eta_sum += opt.last_eta.double()
+        steps += 1
         if renormalise:
             with torch.no_grad():
                 model.head.renormalise_()
@@ -633,12 +753,13 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     if reduce_sums is not None:
         sums = reduce_sums(sums)
     loss_sum, correct, n = float(sums[0]), int(sums[1]), int(sums[2])
-    lr_used = opt.param_groups[0]["lr"]
+    lr_used = float(eta_sum) / max(steps, 1) if agd else opt.param_groups[0]["lr"]
     sched.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower lr={config.lr}.")
+        what = f"agd_gain={config.agd_gain}" if agd else f"lr={config.lr}"
+        raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss_sum / max(n, 1)}); lower {what}.")
     return EpochResult(loss_sum, correct, n, lr_used)
 
 
@@ -747,9 +868,10 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     C = train_set.num_classes
     pin = device.type == "cuda"
     # a last batch of one sample would break batch norm in training mode: drop it in that case only
-    drop_last = len(train_set) % config.batch_size == 1 and len(train_set) > 1
+    # (stratified batches have balanced sizes)
+    drop_last = len(train_set) % config.batch_size == 1 and len(train_set) > 1 and not config.stratified_batches
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, pin_memory=pin,
-                               drop_last=drop_last)
+                               drop_last=drop_last, stratified=config.stratified_batches)
     eval_train = make_loader(without_augmentation(train_set), config.eval_batch_size, shuffle=False, pin_memory=pin)
     eval_test = make_loader(test_set, config.eval_batch_size, shuffle=False, pin_memory=pin)
     snap_idx = _snapshot_indices(train_set.targets, config.snapshot_per_class, C, config.data_seed) \
@@ -763,6 +885,8 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
     start = _resume_checkpoint(path, model, opt, sched)
+    if start == 0:
+        _fresh_start(model, opt)
     writer = RunWriter(config, path, model_info, without_augmentation(train_set), snap_idx)
     writer.resume(start)
 

@@ -209,3 +209,53 @@ def test_one_process_entry_point_trains_a_run(tmp_path, monkeypatch):
     assert D.main(["--config", json.dumps(cfg.to_dict()), "--threads", "1"]) == 0
     run = load_run(cfg)
     assert run.finished and run.history[0]["epoch"] == 1 and (run.path / "snapshots" / "epoch_0001.pt").exists()
+
+
+def test_stratified_global_batches_are_the_engines_and_dealt_by_class():
+    from nc_lib.nearest_etf import StratifiedBatchSampler
+
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 6, (157,), generator=g)
+    world, B = 3, 40
+    samplers = [D.DistributedEpochBatchSampler(len(labels), B, seed=9, rank=r, world=world, labels=labels)
+                for r in range(world)]
+    engine = StratifiedBatchSampler(labels, B, seed=9)
+    for epoch in (1, 4):
+        for s in samplers:
+            s.set_epoch(epoch)
+        engine.set_epoch(epoch)
+        per_rank = [list(s) for s in samplers]
+        batches = engine.batches()
+        assert samplers[0].global_sizes() == [len(b) for b in batches] and len(per_rank[0]) == len(batches)
+        for i, batch in enumerate(batches):
+            glued = sum((per_rank[r][i] for r in range(world)), [])
+            assert sorted(glued) == sorted(batch)  # the ranks' slices make up the engine's global batch
+            assert set(labels[batch].tolist()) == set(range(6))  # every class in every global batch
+            counts = torch.bincount(labels[batch], minlength=6)
+            for r in range(world):
+                assert abs(len(per_rank[r][i]) - len(batch) / world) < 1
+                got = set(labels[per_rank[r][i]].tolist())
+                assert {c for c in range(6) if counts[c] >= world} <= got  # dealt by class
+                pos = [batch.index(j) for j in per_rank[r][i]]
+                assert pos == sorted(pos)  # in the global batch's order
+        again = D.DistributedEpochBatchSampler(len(labels), B, seed=9, rank=1, world=world, labels=labels)
+        again.set_epoch(epoch)
+        assert list(again) == per_rank[1]
+    with pytest.raises(ValueError, match="labels"):
+        D.DistributedEpochBatchSampler(10, 4, rank=0, world=1, labels=[0, 1])
+
+
+def test_one_process_agd_stratified_run_equals_the_engine(tmp_path, monkeypatch):
+    """train_distributed in one process takes the engine's steps: AGD's initialisation, stratified batches."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 16, "depth": 2}, per_class=20,
+                      test_per_class=5, epochs=2, batch_size=32, optimizer="agd", weight_decay=0, schedule="none",
+                      stratified_batches=True, snapshot_per_class=1, device="cpu")
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
+    ddp = D.train_distributed(cfg)
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
+    single = train(cfg, progress=False)
+    assert [r["epoch"] for r in ddp.history] == [1, 2]
+    assert ddp.history == single.history  # the same batches in the same order: the same numbers
+    assert ddp.history[-1]["train_loss"] < ddp.history[0]["train_loss"]

@@ -216,3 +216,85 @@ def test_paper_scale_architecture_one_epoch_on_fakedata(name, shape, kw):
     assert run.finished and run.final["epoch"] == 1
     assert math.isfinite(run.final["train_loss_running"])
     assert "within_class_variability" in run.final and "ncc_mismatch_test" in run.final
+
+
+def test_hashes_of_existing_configurations_are_unchanged():
+    """New fields (stratified_batches, agd_gain) leave the hash of configurations written before them alone."""
+    assert TrainConfig().config_hash() == "9b8916fe6105"
+    assert T.papyan_preset("cifar10", "resnet18", epochs=350).config_hash() == "6ffc06c5be9a"
+    assert "stratified_batches" in TrainConfig().to_dict()  # still written to config.json
+    assert TrainConfig(stratified_batches=True).config_hash() != TrainConfig().config_hash()
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("stratified_batches", "agd_gain")}
+    assert TrainConfig.from_dict(old) == TrainConfig()  # a config.json from before them loads
+
+
+def _record_batches(monkeypatch) -> list[list[torch.Tensor]]:
+    """Spy on the engine's training loader: the labels of every batch, per epoch."""
+    seen: list[list[torch.Tensor]] = []
+    real = T.train_epoch
+
+    def spy(model, loader, *a, **k):
+        epoch_batches: list[torch.Tensor] = []
+        seen.append(epoch_batches)
+
+        class Recorder:
+            def __iter__(self):
+                for x, y in loader:
+                    epoch_batches.append(y.clone())
+                    yield x, y
+
+        return real(model, Recorder(), *a, **k)
+
+    monkeypatch.setattr(T, "train_epoch", spy)
+    return seen
+
+
+def test_stratified_batches_hold_every_class_and_are_seeded(tmp_path, monkeypatch):
+    seen = _record_batches(monkeypatch)
+    cfg = _mlp(stratified_batches=True, batch_size=32, epochs=2, snapshot_per_class=0)  # 400 samples, 13 batches
+    run = train(cfg, progress=False)
+    assert run.finished and len(seen) == 2
+    for epoch in seen:
+        assert len(epoch) == 13 and sum(len(y) for y in epoch) == 400
+        for y in epoch:
+            assert set(y.tolist()) == set(range(10)) and 30 <= len(y) <= 31
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))  # a new draw per epoch
+    # the same seed gives the same batches; another seed others
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "again"))
+    train(cfg, progress=False)
+    assert all(torch.equal(a, b) for e in (0, 1) for a, b in zip(seen[e], seen[2 + e]))
+    train(cfg.replace(seed=1), progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[4]))
+    # C > batch_size: every batch holds distinct classes
+    train(_mlp(stratified_batches=True, batch_size=8, epochs=1, snapshot_per_class=0), progress=False)
+    assert all(len(set(y.tolist())) == len(y) for y in seen[-1])
+
+
+def test_stratified_run_resumes_with_the_same_batches(tmp_path, monkeypatch):
+    seen = _record_batches(monkeypatch)
+    cfg = _mlp(stratified_batches=True, batch_size=32, epochs=4, measure_epochs=(1, 2, 4), snapshot_per_class=0)
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "a"))
+    full = train(cfg, progress=False)
+    expected = (full.path / "metrics.jsonl").read_text()
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "b"))
+    train(cfg, progress=False, stop_after_epochs=3)  # epochs 1-3 run, checkpoint at 2
+    resumed = train(cfg, progress=False)  # epochs 3 and 4 again
+    assert (resumed.path / "metrics.jsonl").read_text() == expected
+    assert len(seen) == 4 + 3 + 2
+    for e_full, e_resumed in ((2, 7), (3, 8)):
+        assert all(torch.equal(a, b) for a, b in zip(seen[e_full], seen[e_resumed]))
+
+
+def test_stratified_loader_inputs():
+    from nc_lib.data import make_loader, set_loader_epoch
+
+    tr, _ = load_train_test("digits", per_class=20)
+    loader = make_loader(tr, 50, seed=3, stratified=True)
+    set_loader_epoch(loader, 5)
+    first = [y.clone() for _, y in loader]
+    set_loader_epoch(loader, 5)
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in loader]))
+    with pytest.raises(ValueError, match="drop_last"):
+        make_loader(tr, 50, stratified=True, drop_last=True)
+    with pytest.raises(ValueError, match="stratified_batches"):
+        TrainConfig(stratified_batches="yes")
