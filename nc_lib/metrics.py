@@ -421,7 +421,7 @@ def cosine_margins(features: Tensor, labels: Tensor, W: Tensor, global_mean: Ten
     W = torch.as_tensor(W).detach()
     C, p = W.shape
     features = _check_features(features)
-    placeholder = torch.zeros(C, p, dtype=torch.float64) + global_mean.to(torch.float64)
+    placeholder = torch.zeros(C, p, dtype=torch.float64, device=features.device) + global_mean.to(features.device, torch.float64)
     acc = SampleAccumulator(placeholder, global_mean, W, None, keep_margins=True)
     acc.update(features, labels)
     return acc.per_sample_margins()

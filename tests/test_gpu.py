@@ -98,13 +98,14 @@ def test_markou_ufm_run_on_cuda():
     assert math.isfinite(r["records"][-1]["within_class_variability"])
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_training_engine_on_cuda(amp):
+@pytest.mark.parametrize("amp,optimizer", [(False, "sgd"), (True, "sgd"), (False, "agd")])
+def test_training_engine_on_cuda(amp, optimizer):
     from nc_lib.train import TrainConfig, train
 
+    extra = dict(weight_decay=0.0, schedule="none", stratified_batches=True) if optimizer == "agd" else {}
     cfg = TrainConfig(dataset="fake", model="resnet18", width=0.25, epochs=2, lr=0.01, batch_size=20,
-                      device="cuda", amp=amp, dataset_kwargs={"image_size": (3, 16, 16), "size": 60},
-                      snapshot_per_class=1, eval_batch_size=30)
+                      device="cuda", amp=amp, optimizer=optimizer, dataset_kwargs={"image_size": (3, 16, 16), "size": 60},
+                      snapshot_per_class=1, eval_batch_size=30, **extra)
     run = train(cfg, progress=False)
     assert run.finished and run.final["epoch"] == 2
     assert math.isfinite(run.final["within_class_variability"])
