@@ -145,10 +145,22 @@ class ArrayDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """A file-backed dataset (ImageNet's ImageFolder) with subsampling and label override."""
+    """A file-backed dataset (ImageNet's ImageFolder, images as PIL) with subsampling and label override.
+
+    Images are resized to 256/224 of ``image_size`` and centre-cropped, or with ``augment=True`` (training)
+    cropped at a random scale and aspect (RandomResizedCrop) and flipped at random, the usual ImageNet
+    augmentation; randomness from torch's generator (seeded by the engine and in each loader worker)."""
 
     def __init__(self, base: Dataset, indices: Tensor, targets: Tensor, *, num_classes: int,
-                 input_shape: tuple[int, ...], mean: Tensor, std: Tensor, name: str, split: str) -> None:
+                 input_shape: tuple[int, ...], mean: Tensor, std: Tensor, name: str, split: str,
+                 augment: bool = False) -> None:
+        import torchvision.transforms as T
+
+        size = input_shape[-1]
+        crop = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else
+                [T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)])
+        self.transform = T.Compose(crop + [T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
+        self.augment = augment
         self.base = base
         self.indices = indices.long()
         self.targets = targets.long()
@@ -164,7 +176,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x, _ = self.base[int(self.indices[i])]
-        return x, int(self.targets[i])
+        return self.transform(x), int(self.targets[i])
 
 
 def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
@@ -405,9 +417,8 @@ def _train_stats(name: str, root: Any, download: bool, kw: dict[str, Any],
     return _STATS_CACHE[key]
 
 
-def _load_imagenet(split: str, root: Any, image_size: int) -> tuple[Dataset, Tensor]:
+def _load_imagenet(split: str, root: Any) -> tuple[Dataset, Tensor]:
     import torchvision.datasets as tvd
-    import torchvision.transforms as T
 
     folder = Path(root) if root is not None else data_dir() / "imagenet"
     sub = folder / ("train" if split == "train" else "val")
@@ -417,10 +428,7 @@ def _load_imagenet(split: str, root: Any, image_size: int) -> tuple[Dataset, Ten
             f"automatically; place the ILSVRC2012 images in ImageFolder layout, {folder}/train/<wnid>/*.JPEG "
             f"and {folder}/val/<wnid>/*.JPEG (validation images sorted into class folders), and pass "
             f"root={folder} (or set NC_DATA_DIR so that <NC_DATA_DIR>/imagenet holds them).")
-    resize = int(round(image_size * 256 / 224))
-    tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
-                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    base = tvd.ImageFolder(str(sub), transform=tf)
+    base = tvd.ImageFolder(str(sub))  # PIL images: FolderDataset crops and normalises them
     return base, torch.as_tensor(base.targets, dtype=torch.long)
 
 
@@ -439,7 +447,7 @@ def load_dataset(name: str, *, split: str, root: str | os.PathLike | None = None
     root: folder holding the files (default ``data_dir()/<name>``).
     per_class: exact number of samples per class (seeded choice); ``None`` keeps all.
     seed: seed of the subsample and of the label shuffle.
-    augment: random crop (padding 4) + horizontal flip, images only.
+    augment: random crop (padding 4) + horizontal flip, images only (ImageNet: RandomResizedCrop + flip).
     random_labels: shuffle the labels among the samples (class counts unchanged).
     download: let torchvision download a missing dataset.
     kwargs: ``gaussian``: ``num_classes`` (10), ``dim`` (32), ``n_per_class`` (100), ``separation`` (4.0),
@@ -457,9 +465,8 @@ def load_dataset(name: str, *, split: str, root: str | os.PathLike | None = None
         if k not in allowed:
             raise ValueError(f"unknown option {k!r} for dataset {name!r}; valid options: {sorted(allowed)}.")
     if name == "imagenet":
-        if augment:
-            raise ValueError("augment=True is not supported for 'imagenet' (folder data); use augment=False.")
-        base, targets = _load_imagenet(split, root, check_int("image_size", kwargs.get("image_size", 224), 8))
+        base, targets = _load_imagenet(split, root)
+        check_int("image_size", kwargs.get("image_size", 224), 8)
         idx = (balanced_indices(targets, per_class, seed, len(base.classes)) if per_class is not None
                else torch.arange(len(targets)))
         t = targets[idx]
@@ -467,7 +474,8 @@ def load_dataset(name: str, *, split: str, root: str | os.PathLike | None = None
             t = shuffled_labels(t, seed)
         size = int(kwargs.get("image_size", 224))
         return FolderDataset(base, idx, t, num_classes=len(base.classes), input_shape=(3, size, size),
-                             mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD), name=name, split=split)
+                             mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD), name=name, split=split,
+                             augment=augment)
 
     raw, targets, scale, C = _raw_split(name, split, root, download, seed, kwargs)
     stats_kw = {k: v for k, v in kwargs.items() if k != "size"}
@@ -510,6 +518,10 @@ def without_augmentation(dataset: Dataset) -> Dataset:
     if isinstance(dataset, ArrayDataset) and dataset.augment:
         return ArrayDataset(dataset.raw, dataset.targets, num_classes=dataset.num_classes, mean=dataset.mean,
                             std=dataset.std, scale=dataset.scale, augment=False, name=dataset.name, split=dataset.split)
+    if isinstance(dataset, FolderDataset) and dataset.augment:
+        return FolderDataset(dataset.base, dataset.indices, dataset.targets, num_classes=dataset.num_classes,
+                             input_shape=dataset.input_shape, mean=dataset.mean, std=dataset.std, name=dataset.name,
+                             split=dataset.split, augment=False)
     return dataset
 
 

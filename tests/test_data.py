@@ -178,7 +178,8 @@ def test_imagenet_folder_layout(tmp_path):
             d = tmp_path / split / c
             d.mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(np.full((40, 48, 3), 40 * i, dtype=np.uint8)).save(d / f"{i}.JPEG")
+                ramp = np.add.outer(np.arange(40), 4 * np.arange(48)) + 40 * i  # varies across the image
+                Image.fromarray(np.repeat(ramp[:, :, None] % 256, 3, 2).astype(np.uint8)).save(d / f"{i}.JPEG")
     ds = load_dataset("imagenet", split="train", root=tmp_path, per_class=2, image_size=32)
     assert len(ds) == 4 and torch.bincount(ds.targets).tolist() == [2, 2]
     x, y = ds[0]
@@ -186,6 +187,13 @@ def test_imagenet_folder_layout(tmp_path):
     loader = make_loader(ds, 3, shuffle=True, seed=0)
     xb, yb = next(iter(loader))
     assert xb.shape == (3, 3, 32, 32) and yb.shape == (3,)
+    # ImageNet augmentation: random resized crops and flips, the same shape; off again for measurements
+    aug = load_dataset("imagenet", split="train", root=tmp_path, per_class=2, image_size=32, augment=True)
+    torch.manual_seed(0)
+    a = torch.stack([aug[1][0] for _ in range(4)])
+    assert a.shape == (4, 3, 32, 32) and not all(torch.equal(a[0], a[k]) for k in range(1, 4))
+    plain = data.without_augmentation(aug)
+    assert torch.equal(plain[1][0], ds[1][0]) and torch.equal(plain[1][0], plain[1][0])
 
 
 def test_every_dataset_has_info():

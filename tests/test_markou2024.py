@@ -52,6 +52,11 @@ def test_real_grid_paper_settings():
         assert len(e["seeds"]) == 5
         cfg = mk.train_config(e, "implicit_etf", 0)
         assert cfg.head == "implicit_etf" and cfg.epochs == 200
+        assert cfg.optimizer == "agd" and cfg.weight_decay == 0 and cfg.stratified_batches  # the released scripts
+    sgd = mk.train_config(mk.real_grid("paper", optimizer="sgd")["fig4"], "standard", 0)
+    assert sgd.optimizer == "sgd" and sgd.milestones == (100, 150) and sgd.stratified_batches
+    with pytest.raises(ValueError, match="optimizer"):
+        mk.real_grid("paper", optimizer="adam")
     q = mk.real_grid("quick")
     assert set(q) == set(g)
     for e in q.values():

@@ -11,7 +11,8 @@ Three classifier heads are compared (REFERENCE.md sections 3-4):
   running normalised class means (:class:`nc_lib.nearest_etf.ImplicitETFHead`);
   ``implicit_etf_nograd`` -- the same with the node's gradient stopped (the paper's ablation).
 
-UFM experiments (:func:`ufm_grid`, :func:`run_ufm`). The paper publishes only "2000 iterations, CE,
+UFM experiments (:func:`ufm_grid`, :func:`run_ufm`, trained by :func:`nc_lib.ufm.train_ufm`; on a GPU
+with ``device="cuda"`` or ``python -m nc_lib.papers.markou2024 ufm --scale paper --device cuda``). The paper publishes only "2000 iterations, CE,
 UFM-10/100/200/1000, d = 512 for UFM-10". The settings it leaves open, chosen here:
 full-batch gradient descent with momentum 0.9 on the free features H (N x d, entries N(0, 1/d), so
 rows start near unit norm) and on the learned head parameters, lr = 0.1 per sample (the mean CE gives
@@ -28,11 +29,10 @@ accuracy, and at the end the per-sample cosine margins (PCM, sorted).
 Real-data experiments (:func:`real_grid`) run through :func:`nc_lib.train.train`: paper scale
 CIFAR10 ResNet18, CIFAR100 ResNet50, STL10 ResNet18 (the paper's STL10 network is not stated; we take
 ResNet18), ImageNet ResNet50, CIFAR10 VGG13; 200 epochs, batch 256, tau 5 (the heads' default), seeds
-0-4, crop+flip augmentation. The released scripts train with AGD, which :mod:`nc_lib.train` does
-not offer; we use SGD (lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 100 and 150) and
-say so. The engine draws ordinary shuffled batches (no stratified sampler option): with
-batch 256 >= C every class is almost surely present for C = 10; the mean tracker keeps the last
-column of an absent class. Quick scale: digits (MLP) and MNIST-1D (MLP), 12 epochs, batch 128, 2 seeds.
+0-4, crop+flip augmentation, stratified batches (every class in every batch). Optimiser: AGD as the released
+scripts (:mod:`nc_lib.agd`; no lr, schedule or weight decay; biases and BN affine frozen), or SGD
+(lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 100 and 150) with ``optimizer="sgd"``; which
+one the paper used for each dataset is not stated. Quick scale: digits (MLP) and MNIST-1D (MLP), 12 epochs, batch 128, 2 seeds.
 
 Cost (:func:`measure_cost`): forward and backward wall time per step of each head on a fixed body,
 and memory (:func:`measure_memory`): bytes of the tensors autograd saves for the backward of one step
@@ -276,7 +276,10 @@ def run_ufm_grid(grid: dict[str, UFMSetting], *, names: Sequence[str] | None = N
 
 
 # =========================================================================== real data
-def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
+OPTIMIZERS = ("agd", "sgd")
+
+
+def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[str, Any]]:
     """Real-data settings keyed by the figure they feed: ``fig4`` (ImageNet ResNet50) and the appendix
     ``cifar10_resnet18``, ``cifar100_resnet50``, ``stl10``, ``vgg13``. Each holds ``dataset``, ``model``,
     ``epochs``, ``batch_size``, ``seeds``, ``methods``, ``report_epochs`` (the paper's 50 and 200, or the
@@ -286,8 +289,14 @@ def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
     (a deeper MLP, depth 4, for ImageNet ResNet50 and VGG13, depth 2 otherwise, width 128; STL10's stand-in
     is digits at 60 per class, the small-data setting);
     12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds.
+
+    Every scale draws stratified batches (every class in every batch, as the paper) and trains with
+    ``optimizer``: ``"agd"`` (the released scripts: automatic gradient descent, no lr, no schedule, no weight
+    decay, biases and BN affine parameters frozen; :mod:`nc_lib.agd`) or ``"sgd"`` (lr 0.05, momentum 0.9,
+    weight decay 5e-4, lr x0.1 at epochs 100 and 150 of 200, proportionally at quick scale).
     """
     _check_scale(scale)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     if scale == "paper":
         common = dict(epochs=200, batch_size=256, seeds=(0, 1, 2, 3, 4), report_epochs=(50, 200),
                       optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
@@ -311,7 +320,9 @@ def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
     for key, (ds, net, stands) in spec.items():
         kw = {k: common[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                                      "schedule", "milestones", "augment")}
-        kw.update(dataset=ds, model=net, measure_epochs=measure, train_sample_pass=True)
+        kw.update(dataset=ds, model=net, measure_epochs=measure, train_sample_pass=True, stratified_batches=True)
+        if optimizer == "agd":
+            kw.update(optimizer="agd", weight_decay=0.0, schedule="none", milestones=())
         if scale == "quick":
             # small MLPs (feature dim 128 >= C); MNIST-1D subsampled to 150 per class to fit the time budget
             kw["model_kwargs"] = {"hidden": 128, "depth": 4 if key in ("vgg13", "fig4") else 2}
@@ -320,6 +331,7 @@ def real_grid(scale: str = "quick") -> dict[str, dict[str, Any]]:
             if key == "stl10":
                 kw["per_class"] = 60  # STL10 is the small-data setting (500 per class): digits at 60 per class
         out[key] = {"dataset": ds, "model": net, "stands_for": stands, "config": kw, "seeds": common["seeds"],
+                    "optimizer": optimizer,
                     "methods": MAIN_METHODS, "report_epochs": common["report_epochs"], "epochs": common["epochs"]}
     return out
 
