@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - exercised only where submitit is missi
 
 LOCK_NAME = "run.lock"
 CLUSTERS = ("slurm", "local", "debug")
-PAPERS = ("papyan2020", "zhu2021")
+PAPERS = ("papyan2020", "zhu2021", "markou2024")
 
 #: training-set sizes of the full datasets (used by the dry run when ``per_class`` is None)
 TRAIN_SIZES: dict[str, int] = {"mnist": 60000, "fashionmnist": 60000, "cifar10": 50000, "cifar100": 50000,

@@ -53,6 +53,8 @@ def test_real_grid_paper_settings():
         cfg = mk.train_config(e, "implicit_etf", 0)
         assert cfg.head == "implicit_etf" and cfg.epochs == 200
         assert cfg.optimizer == "agd" and cfg.weight_decay == 0 and cfg.stratified_batches  # the released scripts
+        if e["model"].startswith("resnet"):
+            assert cfg.model_kwargs["stem"] == ("imagenet" if e["dataset"] == "imagenet" else "cifar")
     sgd = mk.train_config(mk.real_grid("paper", optimizer="sgd")["fig4"], "standard", 0)
     assert sgd.optimizer == "sgd" and sgd.milestones == (100, 150) and sgd.stratified_batches
     with pytest.raises(ValueError, match="optimizer"):

@@ -323,6 +323,8 @@ def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[st
         kw.update(dataset=ds, model=net, measure_epochs=measure, train_sample_pass=True, stratified_batches=True)
         if optimizer == "agd":
             kw.update(optimizer="agd", weight_decay=0.0, schedule="none", milestones=())
+        if scale == "paper":  # ResNets: the CIFAR stem on 32x32 (and STL10's 96x96) images, the ImageNet stem on ImageNet
+            kw["model_kwargs"] = {"stem": "imagenet" if ds == "imagenet" else "cifar"} if net.startswith("resnet") else {}
         if scale == "quick":
             # small MLPs (feature dim 128 >= C); MNIST-1D subsampled to 150 per class to fit the time budget
             kw["model_kwargs"] = {"hidden": 128, "depth": 4 if key in ("vgg13", "fig4") else 2}
@@ -342,6 +344,13 @@ def train_config(entry: dict[str, Any], method: str, seed: int) -> Any:
 
     check_choice("method", method, METHODS)
     return TrainConfig(head=ENGINE_HEADS[method], seed=seed, tag=PAPER, **entry["config"])
+
+
+def grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[str, Any]]:
+    """Every real-data run as ``{entry: {"<method> seed <s>": TrainConfig}}`` (for :mod:`nc_lib.cluster`:
+    ``python -m nc_lib.cluster dry-run --paper markou2024 --scale paper``)."""
+    return {key: {f"{m} seed {seed}": train_config(e, m, seed) for m in e["methods"] for seed in e["seeds"]}
+            for key, e in real_grid(scale, optimizer).items()}
 
 
 def run_real(entry: dict[str, Any], *, methods: Sequence[str] | None = None, progress: bool = False,
