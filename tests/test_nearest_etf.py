@@ -234,6 +234,59 @@ def test_backward_without_prox_term_raises(backend):
         U.sum().backward()
 
 
+def test_inplace_change_of_the_output_is_caught(backend):
+    """The backward reads the output U (on NumPy it shares its memory): an in-place edit must not go unnoticed."""
+    Hr = _hbar(9, 4, 30).requires_grad_()
+    U, _ = nearest_etf_node(Hr, _stiefel(9, 4, 31), 1e-3)
+    U.mul_(2.0)
+    with pytest.raises(RuntimeError, match="in-?place"):
+        U.sum().backward()
+
+
+def test_backward_is_once_differentiable(backend):
+    """create_graph=True gives the gradient, and differentiating it again raises (as @once_differentiable)."""
+    Hbar, Up = _hbar(9, 4, 32), _stiefel(9, 4, 33)
+    G = torch.randn(9, 4, dtype=F64, generator=torch.Generator().manual_seed(34))
+    Hr = Hbar.clone().requires_grad_()
+    (g1,) = torch.autograd.grad((nearest_etf_node(Hr, Up, 1e-3)[0] ** 2 * G).sum(), Hr)
+    Hr2 = Hbar.clone().requires_grad_()
+    (g2,) = torch.autograd.grad((nearest_etf_node(Hr2, Up, 1e-3)[0] ** 2 * G).sum(), Hr2, create_graph=True)
+    torch.testing.assert_close(g2.detach(), g1, atol=1e-14, rtol=0)
+    with pytest.raises(RuntimeError, match="twice"):
+        g2.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("delta", [1e-3, 1e-7, 1e-10])
+def test_node_matches_svd_polar_factor_at_any_conditioning(delta, dtype, backend):
+    """cond(Z) ~ 1/delta: the Gram route (+ Newton-Schulz) where it is accurate, the SVD beyond GRAM_MAX_ERR."""
+    d, C = 20, 10
+    U0 = _stiefel(d, C, 35)
+    Hbar = U0 @ etf_gram_target(C) + 1e-3 * _hbar(d, C, 36)
+    Hbar = (Hbar / Hbar.norm()).to(dtype).to(F64)  # representable in dtype: the same Z for both dtypes
+    Up = _stiefel(d, C, 37).to(dtype).to(F64)
+    A, S, Bh = torch.linalg.svd(apply_mt(Hbar) + 0.5 * delta * Up, full_matrices=False)
+    U, _ = nearest_etf_node(Hbar.to(dtype), Up.to(dtype), delta)
+    assert U.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-9 * max(1.0, 1e-7 / delta)  # the SVD's own error ~ eps cond
+    assert float((U.to(F64) - A @ Bh).abs().max()) < tol
+
+
+def test_numpy_eigh_fallback_agrees(monkeypatch):
+    """Without SciPy's LAPACK wrapper the NumPy path uses numpy.linalg.eigh: same node."""
+    Hbar, Up = _hbar(30, 8, 38), _stiefel(30, 8, 39)
+    G = torch.randn(30, 8, dtype=F64, generator=torch.Generator().manual_seed(40))
+    out = []
+    for lapack in (None, False):
+        monkeypatch.setattr(ne_module, "_LAPACK_SYEVD", lapack)
+        Hr = Hbar.clone().requires_grad_()
+        U, _ = nearest_etf_node(Hr, Up, 1e-3)
+        (U * G).sum().backward()
+        out.append((U.detach(), Hr.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-13, rtol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-9, rtol=1e-9)
+
+
 def test_float32_node_close_to_float64(backend):
     d, C = 64, 10
     Hbar, Up = _hbar(d, C, 18), _stiefel(d, C, 19)
