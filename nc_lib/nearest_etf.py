@@ -244,11 +244,6 @@ def _auto_polar_method(dtype: torch.dtype, method: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _mt_cached(C: int, dtype: torch.dtype) -> Tensor:
-    return etf_gram_target(C, dtype)
-
-
-@functools.lru_cache(maxsize=32)
 def _centering_numpy(C: int, scale: float = 1.0) -> np.ndarray:
     """(I - 11^T/C)/scale, float64 (read-only: shared between calls)."""
     A = (np.eye(C) - np.full((C, C), 1.0 / C)) / scale
