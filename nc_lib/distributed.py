@@ -21,10 +21,10 @@ each rank normalises its own slice. A last global batch with fewer samples than 
 Augmentation randomness is seeded per (seed, epoch, rank). LBFGS is not supported; AGD is (every
 rank draws the same initialisation from the same seed and takes the same step from the averaged
 gradients). With ``stratified_batches`` the global batches are the engine's stratified batches,
-each dealt out over the ranks by class (:class:`DistributedEpochBatchSampler`). A head whose
-forward depends on the batch through buffers (Markou's implicit ETF head: running class means and
-the nearest ETF) computes them on each rank from its slice (DDP broadcasts rank 0's buffers before
-every forward), so such runs are not the single-process run up to rounding.
+each dealt out over the ranks by class (:class:`DistributedEpochBatchSampler`). Markou's implicit
+ETF head, whose forward depends on the batch's class means, sums its batch statistics over the ranks
+(``FeatureMeanTracker.across_ranks``, a differentiable all-reduce), so it sees the global batch as one
+process does and its runs are the single-process run up to rounding too.
 
 Measurements. Each rank streams its contiguous shard of the (un-augmented) training and test sets
 (:class:`ShardBatchSampler`, no padding, no duplicates) through a
@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import ArrayDataset, _batch_identity, epoch_order, without_augmentation
 from .metrics import CollapseAccumulator, SampleAccumulator
-from .nearest_etf import StratifiedBatchSampler
+from .nearest_etf import FeatureMeanTracker, StratifiedBatchSampler
 from .train import (MeasureReduce, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _build,
                     _fresh_start, _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint,
                     _snapshot_indices, environment_record, load_run, measure, resolve_device, run_dir, train_epoch)
@@ -362,6 +362,9 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     writer.resume(start)
     _barrier()
 
+    for m in model.modules():  # Markou's implicit head: track the global batch's class means on every rank
+        if isinstance(m, FeatureMeanTracker):
+            m.across_ranks = world > 1
     step = _Step(model)
     ddp: nn.Module = step
     if world > 1:

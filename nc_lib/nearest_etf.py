@@ -754,7 +754,14 @@ class FeatureMeanTracker(nn.Module):
     t counting batches over the whole run (a_1 = 1). Gradients flow from Hbar_t to this batch's
     features only. State (``H``, ``step``) lives in buffers, so it is saved by ``state_dict``.
     Vectorised: class sums by one ``index_add`` over the batch.
+
+    ``across_ranks = True`` (set by :mod:`nc_lib.distributed` when it trains on several processes): the
+    class sums, counts and the batch sum are summed over the ranks with a differentiable all-reduce, so
+    every rank tracks the means of the global batch, as one process would, and the gradient reaches
+    every rank's features.
     """
+
+    across_ranks: bool = False
 
     def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, min_rate: float = MIN_RATE) -> None:
         super().__init__()
@@ -789,9 +796,20 @@ class FeatureMeanTracker(nn.Module):
         """One step on already tau-normalised features ``f`` (B x d). Returns ``(Hbar, mu_G)``."""
         labels = self._check(f, labels)
         C = self.num_classes
-        mu_G = f.mean(dim=0)
         counts = torch.bincount(labels, minlength=C)
         sums = f.new_zeros(C, self.feature_dim).index_add(0, labels, f)
+        if self.across_ranks:
+            import torch.distributed as dist
+            import torch.distributed.nn.functional as dist_fn
+
+            stats = dist_fn.all_reduce(torch.cat([sums, f.sum(0, keepdim=True)]))  # differentiable
+            sums, total = stats[:C], stats[C]
+            n = torch.cat([counts, counts.new_tensor([f.shape[0]])])
+            dist.all_reduce(n)
+            counts = n[:C]
+            mu_G = total / n[C].to(f.dtype)
+        else:
+            mu_G = f.mean(dim=0)
         means = sums / counts.clamp_min(1).to(f.dtype)[:, None]
         H_prev = self.H.to(f.dtype)
         X = torch.where((counts > 0)[None, :], (means - mu_G).mT, H_prev)
