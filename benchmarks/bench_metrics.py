@@ -10,7 +10,7 @@ Ours:
   ours_full     nc_lib.metrics.measure_collapse with W and b: every measurement
 
 Each method runs in its own process so its peak memory (RSS above the features) is its own.
-Usage: python benchmarks/bench_metrics.py [--quick] [--repeat 3]
+Usage: python benchmarks/bench_metrics.py [--quick] [--repeat 5] (best of the repeats: the first calls warm caches and thread pools)
 Targets (2 cores): ours_nc1 >= 2x faster than batchcov at every size; ours_stream no slower than
 batchcov; ours_full under 0.5 s, 3 s and 5 s.
 """
@@ -150,7 +150,7 @@ def run(method: str, size: int, repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only the smallest size, no loop reference")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--child", nargs=2)
     parser.add_argument("--loop-all", action="store_true", help="also run the per-sample loop at p = 2048 (minutes)")
     args = parser.parse_args()

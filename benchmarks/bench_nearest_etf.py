@@ -16,6 +16,8 @@ them (at most 2000 pairs); ratio reference/closed;
 peak memory: the largest rise of the process's resident memory during the call, sampled every
 0.5 ms from /proc/self/statm, and the analytic size of the matrices involved). Targets: closed
 fwd+bwd within 3x of the thin SVD at every size; C = 1000, d = 2048 under 1 s on 2 cores.
+Last, the node's share of one ResNet18 training step with the implicit ETF head (CIFAR10 shapes, C = 10,
+d = 512, batch ``--resnet-batch``).
 
 Results also go to ``benchmarks/results/nearest_etf.json`` (``--quick``: the two small sizes only,
 to ``nearest_etf_quick.json``; ``--json`` overrides the path). Usage:
@@ -258,6 +260,33 @@ def check_targets(rows: list[dict]) -> list[str]:
     return notes
 
 
+def resnet18_share(batch: int, repeats: int, image: int = 32) -> dict:
+    """The node's share of one ResNet18 training step (CIFAR10: C = 10, d = 512, CIFAR stem, full width):
+    best time of a step (forward, backward, SGD update) with Markou's implicit ETF head, and of the node's
+    forward + backward on that step's (d x C) feature means; share = node / step."""
+    from nc_lib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, head="implicit_etf", input_shape=(3, image, image))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, image, image)
+    y = torch.arange(10).repeat(batch // 10 + 1)[:batch]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model.head(model.body(x), y), y).backward()
+        opt.step()
+
+    step_s, _ = best_time(step, max(2, repeats // 2), budget_s=120.0, min_s=0.0)
+    inp = make_inputs(10, 512, torch.float32)
+
+    def node() -> None:
+        nearest_etf_node(inp["Hbar"].clone().requires_grad_(), inp["U_prox"], 1e-3)[0].backward(inp["G"])
+
+    node_s, _ = best_time(node, repeats)
+    return {"batch": batch, "image": image, "step_s": step_s, "node_s": node_s, "share": node_s / step_s}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only (C, d) = (10, 512) and (100, 512)")
@@ -265,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (best is kept)")
     ap.add_argument("--no-reference", action="store_true", help="skip the Riemannian + dense KKT reference")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results")
+    ap.add_argument("--resnet-batch", type=int, default=64, help="batch of the ResNet18 step (0: skip it)")
     args = ap.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         raise ValueError("--threads and --repeats must be >= 1.")
@@ -286,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     notes = check_targets(rows)
     print()
     print("\n".join(notes))
+    share = resnet18_share(args.resnet_batch, args.repeats) if args.resnet_batch > 0 else None
+    if share:
+        print(f"\nResNet18 training step (batch {share['batch']}, {share['image']}x{share['image']}, implicit ETF head): "
+              f"{share['step_s']:.3f} s; the node's forward + backward {1e3 * share['node_s']:.3f} ms = "
+              f"{100 * share['share']:.3f}% of the step")
     out = {
         "benchmark": "nearest_etf",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -298,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rows": rows,
         "targets": notes,
+        "resnet18_step": share,
     }
     path = args.json or RESULTS / ("nearest_etf_quick.json" if args.quick else "nearest_etf.json")
     path.parent.mkdir(parents=True, exist_ok=True)
