@@ -5,7 +5,8 @@ Every model is a :class:`Classifier`: ``model.body`` maps an input to the penult
 (default :class:`~nc_lib.heads.LinearHead`; fixed or implicit ETF heads drop in), ``model(x)`` gives
 logits and ``model.features(x)`` gives h. ``model.feature_dim`` is d. Named heads (``head=``):
 ``linear``, ``linear_nobias``, ``fixed_etf`` (learned bias), ``fixed_etf_nobias``, ``fixed_etf_centre``,
-``cosine`` and ``implicit_etf`` (Markou 2024, from :mod:`nc_lib.nearest_etf`); more via :func:`register_head`.
+``cosine``, ``implicit_etf`` and ``implicit_etf_nograd`` (Markou 2024, from :mod:`nc_lib.nearest_etf`); more
+via :func:`register_head`.
 
 Architectures (Papyan, Han & Donoho 2020; Zhu et al. 2021; REFERENCE.md section 3):
 
@@ -63,8 +64,15 @@ def _implicit_etf_head(d: int, C: int) -> Head:
     return ImplicitETFHead(d, C)
 
 
+def _implicit_etf_nograd_head(d: int, C: int) -> Head:
+    from .nearest_etf import ImplicitETFHead  # the paper's ablation: no gradient through the node
+
+    return ImplicitETFHead(d, C, backprop_through_node=False)
+
+
 HEADS["cosine"] = _cosine_head
 HEADS["implicit_etf"] = _implicit_etf_head
+HEADS["implicit_etf_nograd"] = _implicit_etf_nograd_head
 
 
 def register_head(name: str, factory: Callable[[int, int], Head]) -> None:

@@ -105,6 +105,9 @@ def test_heads_plug_in():
     assert m2.head.bias is None
     register_head("test_nobias", lambda d, C: LinearHead(d, C, bias=False))
     assert _tiny("mlp", head="test_nobias").head.bias is None
+    from nc_lib.nearest_etf import ImplicitETFHead
+    nograd = _tiny("mlp", head="implicit_etf_nograd").head  # Markou's ablation, by name without importing the paper
+    assert isinstance(nograd, ImplicitETFHead) and not nograd.backprop_through_node
     with pytest.raises(ValueError, match="fixed_etf"):
         _tiny("mlp", head="nope")
     with pytest.raises(ValueError, match="feature_dim"):

@@ -58,7 +58,6 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from torch import Tensor, nn
 
-from .. import models
 from ..heads import FixedETFHead, Head, LinearHead
 from ..metrics import cosine_margins
 from ..nearest_etf import CosineHead, ImplicitETFHead, StratifiedBatchSampler
@@ -81,10 +80,9 @@ PANELS = {"loss": "CE loss", "average_cosine_margin": "average cosine margin", "
           "within_class_variability": "NC1", "classifier_means_alignment": "NC3", "wh_equinorm": "WH-equinorm"}
 LOG_PANELS = ("loss", "within_class_variability", "classifier_means_alignment", "wh_equinorm")
 
-# names for the training engine (models.HEADS); the no-gradient implicit head is registered here
+# names for the training engine (models.HEADS)
 ENGINE_HEADS = {"standard": "cosine", "standard_nonorm": "linear", "fixed_etf": "fixed_etf_centre",
                 "implicit_etf": "implicit_etf", "implicit_etf_nograd": "implicit_etf_nograd"}
-models.register_head("implicit_etf_nograd", lambda d, C: ImplicitETFHead(d, C, backprop_through_node=False))
 
 
 def _check_scale(scale: str) -> str:
