@@ -62,9 +62,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data import ArrayDataset, _batch_identity, epoch_order, without_augmentation
 from .metrics import CollapseAccumulator, SampleAccumulator
 from .nearest_etf import FeatureMeanTracker, StratifiedBatchSampler
-from .train import (MeasureReduce, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _build,
+from .train import (EpochResult, MeasureReduce, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _build,
                     _fresh_start, _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint,
-                    _snapshot_indices, environment_record, load_run, measure, resolve_device, run_dir, train_epoch)
+                    _snapshot_indices, environment_record, load_run, measure, resolve_device, run_dir, run_epochs,
+                    train_epoch)
 from .validation import check_choice, check_int
 
 BACKENDS = ("gloo", "nccl")
@@ -369,7 +370,6 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     ddp: nn.Module = step
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    measure_at = set(config.measurement_epochs())
     use_amp = config.amp and device.type == "cuda"
     red_dev = device if (world == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
     reduce = rank_reduce(device)
@@ -379,33 +379,21 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         return measure(model, eval_train, eval_test, C, device, train_sample_pass=config.train_sample_pass,
                        amp=use_amp, reduce=reduce)
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model} on {config.dataset} x{world}", unit="epoch")
-    stopped = False
-    for epoch in range(start + 1, config.epochs + 1):
-        if stop_after_epochs is not None and epoch > stop_after_epochs:
-            stopped = True
-            break
-        t0 = time.perf_counter()
+    def train_one(epoch: int) -> EpochResult:
         torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)  # augmentation: per (seed, epoch, rank)
         sampler.set_epoch(epoch)
         global_sizes = sampler.global_sizes()
         # DDP averages the ranks' gradients: weight n_rank * world / n_batch gives the global batch's mean loss
-        ep = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp, forward=ddp,
-                         loss_weight=lambda i, y: len(y) * world / global_sizes[i],
-                         reduce_sums=lambda t: _all_reduce_(t.to(red_dev)))
-        writer.t_train += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ep.loss_sum / ep.n:.4f}", acc=f"{ep.correct / ep.n:.3f}")
-        if epoch in measure_at:
-            writer.measure(epoch, ep, model, opt, sched, device, measure_fn, model_state=lambda: _plain_state(model))
-            _barrier()
-    if bar is not None:
-        bar.close()
+        return train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp, forward=ddp,
+                           loss_weight=lambda i, y: len(y) * world / global_sizes[i],
+                           reduce_sums=lambda t: _all_reduce_(t.to(red_dev)))
+
+    def measure_one(epoch: int, ep: EpochResult) -> None:
+        writer.measure(epoch, ep, model, opt, sched, device, measure_fn, model_state=lambda: _plain_state(model))
+        _barrier()
+
+    stopped = run_epochs(config, start, writer, train_one, measure_one, progress=progress and rank == 0,
+                         desc=f"{config.model} on {config.dataset} x{world}", stop_after_epochs=stop_after_epochs)
     if stopped:
         _barrier()
         return RunResult(config, path, writer.records, False)

@@ -890,36 +890,55 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     writer = RunWriter(config, path, model_info, without_augmentation(train_set), snap_idx)
     writer.resume(start)
 
-    measure_at = set(config.measurement_epochs())
     use_amp = config.amp and device.type == "cuda" and config.optimizer != "lbfgs"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model} on {config.dataset}", unit="epoch")
-    stopped = False
-    for epoch in range(start + 1, config.epochs + 1):
-        if stop_after_epochs is not None and epoch > stop_after_epochs:
-            stopped = True
-            break
-        t0 = time.perf_counter()
+    def train_one(epoch: int) -> EpochResult:
         set_loader_epoch(train_loader, epoch)
-        ep = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp)
-        writer.t_train += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ep.loss_sum / ep.n:.4f}", acc=f"{ep.correct / ep.n:.3f}")
-        if epoch in measure_at:
-            writer.measure(epoch, ep, model, opt, sched, device,
-                           lambda: measure(model, eval_train, eval_test, C, device,
-                                           train_sample_pass=config.train_sample_pass, amp=use_amp),
-                           on_measure=on_measure)
-    if bar is not None:
-        bar.close()
+        return train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp)
+
+    def measure_one(epoch: int, ep: EpochResult) -> None:
+        writer.measure(epoch, ep, model, opt, sched, device,
+                       lambda: measure(model, eval_train, eval_test, C, device,
+                                       train_sample_pass=config.train_sample_pass, amp=use_amp),
+                       on_measure=on_measure)
+
+    stopped = run_epochs(config, start, writer, train_one, measure_one, progress=progress,
+                         desc=f"{config.model} on {config.dataset}", stop_after_epochs=stop_after_epochs)
     if stopped:
         return RunResult(config, path, writer.records, False)
     writer.finish()
     return RunResult(config, path, writer.records, True)
+
+
+def run_epochs(config: TrainConfig, start: int, writer: RunWriter, train_one: Callable[[int], EpochResult],
+               measure_one: Callable[[int, EpochResult], None], *, progress: bool, desc: str,
+               stop_after_epochs: int | None = None) -> bool:
+    """The epoch loop of a run, in one process (:func:`train`) or on every rank (:mod:`nc_lib.distributed`):
+    epochs ``start + 1 .. config.epochs``, ``train_one(epoch)`` each (its time added to ``writer.t_train``),
+    ``measure_one(epoch, result)`` at ``config.measurement_epochs()``, a tqdm bar with ``progress``.
+    Returns True when it stopped after ``stop_after_epochs`` (an interrupted run, resumable), else False."""
+    measure_at = set(config.measurement_epochs())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, initial=start, desc=desc, unit="epoch")
+    try:
+        for epoch in range(start + 1, config.epochs + 1):
+            if stop_after_epochs is not None and epoch > stop_after_epochs:
+                return True
+            t0 = time.perf_counter()
+            ep = train_one(epoch)
+            writer.t_train += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{ep.loss_sum / ep.n:.4f}", acc=f"{ep.correct / ep.n:.3f}")
+            if epoch in measure_at:
+                measure_one(epoch, ep)
+    finally:
+        if bar is not None:
+            bar.close()
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
