@@ -49,7 +49,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 

@@ -1,11 +1,9 @@
 """Markou 2024 reproduction: grids carry the paper's settings; builders make the expected panels on tiny runs."""
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nc_lib.figures import CATALOGUE
 from nc_lib.papers import markou2024 as mk

@@ -47,7 +47,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from ..heads import FixedETFHead, Head, LinearHead
 from ..metrics import cosine_margins
-from ..nearest_etf import CosineHead, ImplicitETFHead, StratifiedBatchSampler
+from ..nearest_etf import CosineHead, ImplicitETFHead
 from ..paths import runs_dir
 from ..ufm import UFMConfig, train_ufm
 from ..plots import colour, plot_metric_curves
