@@ -8,10 +8,11 @@ ONLY ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup figures test lab chromium bench clean-figures help
+.PHONY: setup figures book test lab chromium fashion-mnist bench clean-figures help
 
 help:
 	@echo "make figures [SCALE=quick|paper] [ONLY=<id or prefix>]  regenerate the figures"
+	@echo "make book [SCALE=quick|paper]                           the executed notebooks as a static site in build/book/"
 	@echo "make test                                               run every test, notebooks included"
 	@echo "make lab                                                open JupyterLab on notebooks/"
 	@echo "make bench                                              run the benchmarks"
@@ -23,14 +24,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium fashion-mnist
 
 # Static PNG export needs a Chromium; HTML export never does.
 chromium:
 	@bash tools/ensure_chromium.sh
 
+# Fashion-MNIST offline: Debian's dataset-fashion-mnist (or one line saying where to put the files).
+fashion-mnist:
+	@bash tools/ensure_fashion_mnist.sh
+
 figures: setup
 	$(BIN)/python -m nc_lib.figures --scale $(SCALE) --only "$(ONLY)"
+
+# The course as a static site in build/book/, from the notebooks `make figures` executed (nothing is re-run).
+BOOK_STAMP := $(VENV)/.book-stamp
+$(BOOK_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[book]'
+	@touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)
+	$(BIN)/python -m nc_lib.book --scale $(SCALE)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

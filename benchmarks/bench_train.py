@@ -3,7 +3,7 @@
 - Training throughput (images/s, one SGD step = forward + backward + update, batch 128) of
   ResNet18 with the CIFAR stem on 3x32x32 inputs and of the MLP (3 hidden layers of 512, batch
   norm) on 1x28x28 inputs.
-- Measurement overhead at Papyan's schedule: the collapse measurement of :func:`nc_lib.train.measure`
+- Measurement overhead at Papyan's schedule: the collapse measurement of :func:`nc_lib.features.measure`
   (one eval pass over the training set streamed into the CollapseAccumulator, one over the test
   set) timed against a training epoch on the same data, both through the real loaders, and
   scaled to Papyan's schedule: overhead = 50 x T_measure / (350 x T_epoch). The test set is 1/5 of
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nc_lib.data import ArrayDataset, make_loader  # noqa: E402
 from nc_lib.models import build_model  # noqa: E402
-from nc_lib.train import PAPYAN_EPOCHS, measure, resolve_device  # noqa: E402
+from nc_lib.config import PAPYAN_EPOCHS, resolve_device  # noqa: E402
+from nc_lib.features import measure  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nc_lib.ufm import UFMConfig, start_ufm, train_ufm, ufm_optimal_objective  # noqa: E402
+from nc_lib.ufm import UFMConfig, start_ufm, train_ufm  # noqa: E402
+from nc_lib.ufm_theory import ufm_optimal_objective  # noqa: E402
 
 
 def bench(name: str, cfg: UFMConfig, steps: int, measure_every: int) -> dict:

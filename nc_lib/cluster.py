@@ -1,7 +1,7 @@
 """Grids of runs on a SLURM cluster through submitit, and a dry run that prices a grid first.
 
 One job per configuration, submitted as job arrays (:func:`submit_grid`). Each job trains one
-:class:`nc_lib.train.TrainConfig` with :func:`nc_lib.train.train` into the shared run store
+:class:`nc_lib.config.TrainConfig` with :func:`nc_lib.train.train` into the shared run store
 (``runs_dir()`` or a path given), so results land where the figure builders read them.
 
 * **Preemption.** :class:`RunJob` is a ``submitit.helpers.Checkpointable``: on preemption or time-out
@@ -39,8 +39,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .atomic_io import pid_alive
+from .config import TrainConfig
 from .paths import runs_dir as default_runs_dir
-from .train import TrainConfig, is_finished, run_dir, train
+from .runs import is_finished, run_dir
+from .train import train
 from .validation import check_choice, check_int, check_positive
 
 try:  # submitit is needed only to submit; locks and the dry run work without it
@@ -84,16 +87,6 @@ def current_job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # The run lock
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ class RunLock:
         if self.job_id and rec.get("job_id") == self.job_id:
             return True  # the same scheduler job, requeued after preemption
         if rec.get("host") == socket.gethostname() and int(rec.get("pid", -1)) > 0 \
-                and not _pid_alive(int(rec["pid"])):
+                and not pid_alive(int(rec["pid"])):
             return True
         return float(rec.get("heartbeat_age_s", 0.0)) > self.stale_after_s
 
@@ -438,12 +431,14 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
         measure_s = eval_s * ceil((N_train [x2 with train_sample_pass] + N_test) / eval_batch_size)
         total_s   = epochs * epoch_s + len(measurement_epochs) * measure_s
     """
-    from .train import _autocast, _build, _make_optimizer, resolve_device
+    from .config import build_run_model, resolve_device
+    from .features import autocast
+    from .train import _make_optimizer
 
     steps = check_int("steps", steps, 1)
     dev = resolve_device(config.device) if device is None else torch.device(device)
     C, n_train, n_test, shape = _dataset_sizes(config)
-    model = _build(config, dev, {"num_classes": C, "input_shape": list(shape)})
+    model = build_run_model(config, dev, {"num_classes": C, "input_shape": list(shape)})
     opt = _make_optimizer(config, model)
     ce = torch.nn.CrossEntropyLoss()
     B = min(config.batch_size, n_train)
@@ -456,7 +451,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     def step() -> None:
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 h = model.body(x)
                 loss = ce((model.head(h, y) if needs_labels else model.head(h)).float(), y)
             loss.backward()
@@ -483,7 +478,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     model.eval()
     EB = min(config.eval_batch_size, n_train)
     xe = torch.randn((EB, *shape), generator=g).to(dev)
-    with torch.no_grad(), _autocast(dev, amp):
+    with torch.no_grad(), autocast(dev, amp):
         model(xe)
         sync()
         t0 = time.perf_counter()

@@ -7,9 +7,17 @@ after subsampling and label randomisation) and ``mean`` / ``std`` (the standardi
 
 Sources
 -------
-- Downloaded by torchvision into ``data_dir()/<name>/``: ``mnist``, ``fashionmnist``, ``cifar10``,
-  ``cifar100``, ``svhn``, ``stl10``. Offline, a missing dataset raises one
-  :class:`DatasetUnavailableError` saying where to put the files.
+- Downloaded by torchvision into ``data_dir()/<name>/``: ``mnist``, ``cifar10``, ``cifar100``, ``svhn``,
+  ``stl10``. Offline, a missing dataset raises one :class:`DatasetUnavailableError` saying where to put
+  the files.
+- ``fashionmnist`` (Papyan's Fashion-MNIST; works offline): torchvision's ``FashionMNIST`` class reads
+  the four uncompressed IDX files from ``data_dir()/FashionMNIST/raw/``. Where they are not there yet,
+  they are placed there once (decompressed, checked, written atomically) from the first of: the folder
+  the user names (``root=<folder>`` or ``$NC_FASHION_MNIST_DIR``; the files plain or ``.gz``, directly in
+  it or in ``<folder>/FashionMNIST/raw/``), ``.gz`` copies in ``data_dir()/FashionMNIST/raw/``, Debian's
+  package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``); failing all three,
+  torchvision's own download. A ``root`` that already holds the uncompressed files in torchvision's
+  layout is read in place. A truncated or corrupt file raises :class:`CorruptDatasetFileError` naming it.
 - ``imagenet``: an ImageFolder tree ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*``,
   where ``root`` is a folder the user names (default ``data_dir()/imagenet``).
 - Offline and real: ``digits`` (scikit-learn, 1797 8x8 images, 1 channel; a fixed stratified split,
@@ -35,8 +43,10 @@ Preprocessing
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import zlib
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -47,7 +57,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .nearest_etf import StratifiedBatchSampler
+from .atomic_io import atomic_write_bytes
 from .paths import data_dir
 from .validation import check_choice, check_int, check_positive
 
@@ -92,6 +102,10 @@ _PLACEMENT = {
 
 class DatasetUnavailableError(FileNotFoundError):
     """A dataset is neither cached on disk nor downloadable: the message says where to put it."""
+
+
+class CorruptDatasetFileError(ValueError):
+    """A dataset file is truncated, partly extracted or not the file its name says: the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +282,11 @@ def _torchvision_split(name: str, split: str, folder: Path, download: bool) -> A
     raise AssertionError(name)  # pragma: no cover
 
 
-def _load_torchvision(name: str, split: str, folder: Path, download: bool) -> tuple[Tensor, Tensor, float]:
-    """Open (or download) a torchvision dataset; offline -> one DatasetUnavailableError, no leftovers."""
+def _load_torchvision(name: str, split: str, folder: Path, download: bool,
+                      unavailable: Any = None) -> tuple[Tensor, Tensor, float]:
+    """Open (or download) a torchvision dataset; offline -> one DatasetUnavailableError, no leftovers.
+
+    ``unavailable(reason)`` builds that error (default :func:`_unavailable` for ``folder``)."""
     # parents of folder that do not exist yet are created by torchvision too: remember the top one
     top = folder
     while not top.parent.exists() and top.parent != top:
@@ -290,7 +307,7 @@ def _load_torchvision(name: str, split: str, folder: Path, download: bool) -> tu
         reason = type(err).__name__ + (": " + str(err).splitlines()[0][:200] if str(err) else "")
         if not download:
             reason = "download=False"
-        raise _unavailable(name, folder, reason) from None
+        raise (unavailable(reason) if unavailable is not None else _unavailable(name, folder, reason)) from None
     if name in ("mnist", "fashionmnist"):
         raw = ds.data.unsqueeze(1).clone()
         targets = torch.as_tensor(ds.targets)
@@ -301,6 +318,144 @@ def _load_torchvision(name: str, split: str, folder: Path, download: bool) -> tu
         raw = torch.from_numpy(np.ascontiguousarray(ds.data))
         targets = torch.as_tensor(np.asarray(ds.labels))
     return raw, targets.long(), 255.0
+
+
+# Fashion-MNIST: placed once from the user's folder, a hand-placed .gz or Debian's package, read by torchvision
+#: where Debian's package ``dataset-fashion-mnist`` installs the four gzipped IDX files
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: environment variable naming a folder that holds the four IDX files (same as ``root=``)
+FASHION_MNIST_ENV = "NC_FASHION_MNIST_DIR"
+#: the four IDX files: name -> (magic number, shape); magic 2051 = uint8 3-d array, 2049 = uint8 1-d array
+FASHION_MNIST_FILES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60000,)),
+    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10000,)),
+}
+
+
+def _fashion_raw_dir(root: Path) -> Path:
+    """torchvision's folder for Fashion-MNIST under ``root``: ``<root>/FashionMNIST/raw``."""
+    return Path(root) / "FashionMNIST" / "raw"
+
+
+def _check_idx(head: bytes, size: int, name: str, path: Path) -> None:
+    """Raise :class:`CorruptDatasetFileError` (naming ``path``) unless a file of ``size`` bytes starting with
+    ``head`` is the complete IDX file ``name``: its magic number, its shape and ``header + prod(shape)`` bytes."""
+    magic, shape = FASHION_MNIST_FILES[name]
+    header = 4 * (1 + len(shape))
+    hint = "; delete it and place the original file again (Debian: 'apt-get install --reinstall dataset-fashion-mnist')"
+    if size < header:
+        raise CorruptDatasetFileError(f"Fashion-MNIST file {path} is truncated: {size} bytes, shorter than its "
+                                      f"{header}-byte IDX header{hint}.")
+    got = [int.from_bytes(head[i:i + 4], "big") for i in range(0, header, 4)]
+    if got[0] != magic or tuple(got[1:]) != shape:
+        raise CorruptDatasetFileError(f"Fashion-MNIST file {path} is not {name}: IDX magic {got[0]} and shape "
+                                      f"{tuple(got[1:])}, expected magic {magic} and shape {shape}{hint}.")
+    expected = header + math.prod(shape)
+    if size != expected:
+        raise CorruptDatasetFileError(f"Fashion-MNIST file {path} is {'truncated' if size < expected else 'too long'}: "
+                                      f"{size} bytes, expected {expected} for shape {shape}{hint}.")
+
+
+def _read_idx_source(path: Path, name: str) -> bytes:
+    """The checked, uncompressed bytes of IDX file ``name`` at ``path`` (a ``.gz`` is decompressed)."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as err:  # truncated: EOFError; bad magic or CRC: BadGzipFile
+            raise CorruptDatasetFileError(f"Fashion-MNIST file {path} is not a complete gzip file ({err}); "
+                                          f"delete it and place the original file again.") from None
+    _check_idx(data[:16], len(data), name, path)
+    return data
+
+
+def _placed_complete(raw_dir: Path) -> bool:
+    """Whether ``raw_dir`` holds the four uncompressed IDX files; each one present must pass :func:`_check_idx`
+    (header and size), so a partly extracted file raises instead of being read."""
+    complete = True
+    for name in FASHION_MNIST_FILES:
+        path = raw_dir / name
+        if not path.is_file():
+            complete = False
+            continue
+        with open(path, "rb") as f:
+            head = f.read(16)
+        _check_idx(head, path.stat().st_size, name, path)
+    return complete
+
+
+def _fashion_sources(root: Any) -> list[Path]:
+    """The folders searched for the IDX files, in order: the user's (``root`` or ``$NC_FASHION_MNIST_DIR``,
+    itself and its ``FashionMNIST/raw``), ``data_dir()/FashionMNIST/raw`` and Debian's folder."""
+    user = root if root is not None else os.environ.get(FASHION_MNIST_ENV) or None
+    folders = [Path(user), _fashion_raw_dir(Path(user))] if user is not None else []
+    return folders + [_fashion_raw_dir(data_dir()), FASHION_MNIST_DEBIAN_DIR]
+
+
+def _fashion_root(root: Any) -> Path | None:
+    """The torchvision root whose ``FashionMNIST/raw`` holds the four checked, uncompressed files, placing
+    them into ``data_dir()`` once (decompressed, atomically) from the first folder that has all four
+    (plain or ``.gz``); None where no folder has them."""
+    if root is not None and _placed_complete(_fashion_raw_dir(Path(root))):
+        return Path(root)  # the user's folder in torchvision's layout: read in place
+    target = _fashion_raw_dir(data_dir())
+    if _placed_complete(target):
+        return data_dir()
+    for folder in _fashion_sources(root):
+        found = {}
+        for name in FASHION_MNIST_FILES:
+            plain, gz = folder / name, folder / (name + ".gz")
+            found[name] = plain if plain.is_file() else gz if gz.is_file() else None
+        if all(found.values()):
+            for name, src in found.items():
+                if (target / name).is_file():
+                    continue  # already placed (and checked by _placed_complete)
+                atomic_write_bytes(target / name, _read_idx_source(src, name))
+            return data_dir()
+    return None
+
+
+def _fashion_unavailable(root: Any, reason: str) -> DatasetUnavailableError:
+    folders = ", ".join(str(f) for f in _fashion_sources(root))
+    names = ", ".join(FASHION_MNIST_FILES)
+    return DatasetUnavailableError(
+        f"Dataset 'fashionmnist' is not available: none of {folders} holds the four IDX files ({names}; "
+        f"plain or .gz) and they could not be downloaded ({reason}). Offline, install Debian's package "
+        f"(sudo apt-get install dataset-fashion-mnist, which puts them in {FASHION_MNIST_DEBIAN_DIR}/), or "
+        f"copy the four files (from {_PLACEMENT['fashionmnist'][2]}) into {_fashion_raw_dir(data_dir())}/, "
+        f"or name their folder with root=<folder> or {FASHION_MNIST_ENV}=<folder>.")
+
+
+@lru_cache(maxsize=4)
+def _read_fashion_cached(root: str, split: str, stamp: tuple) -> tuple[Tensor, Tensor]:
+    """Images (N x 1 x 28 x 28 uint8) and labels of one split, read by torchvision's ``FashionMNIST``;
+    ``stamp`` (the files' size and mtime) makes a replaced file be read again."""
+    import torchvision.datasets as tvd
+
+    ds = tvd.FashionMNIST(root, train=split == "train", download=False)
+    targets = torch.as_tensor(ds.targets).long()
+    if targets.min() < 0 or targets.max() >= 10:
+        raise CorruptDatasetFileError(f"Fashion-MNIST labels in {_fashion_raw_dir(Path(root))} lie outside 0..9.")
+    return ds.data.unsqueeze(1).clone(), targets
+
+
+def _load_fashionmnist(split: str, root: Any, download: bool) -> tuple[Tensor, Tensor, float]:
+    """One split of Fashion-MNIST from the first folder that has it (see the module docstring)."""
+    folder = _fashion_root(root)
+    if folder is None:
+        if not download:
+            raise _fashion_unavailable(root, "download=False")
+        _load_torchvision("fashionmnist", split, data_dir(), True, lambda reason: _fashion_unavailable(root, reason))
+        folder = data_dir()
+        if not _placed_complete(_fashion_raw_dir(folder)):  # pragma: no cover - torchvision checks its md5s
+            raise _fashion_unavailable(root, "the download is incomplete")
+    prefix = "train" if split == "train" else "t10k"
+    files = [_fashion_raw_dir(folder) / f"{prefix}-{kind}-idx{d}-ubyte" for kind, d in (("images", 3), ("labels", 1))]
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    raw, targets = _read_fashion_cached(str(folder.resolve()), split, stamp)
+    return raw, targets, 255.0
 
 
 @lru_cache(maxsize=2)
@@ -365,6 +520,9 @@ def _fake_split(split: str, seed: int, num_classes: int, image_size: tuple[int, 
 def _raw_split(name: str, split: str, root: Any, download: bool, seed: int,
                kw: dict[str, Any]) -> tuple[Tensor, Tensor, float, int]:
     """(raw inputs, targets, scale, num_classes) of one split of a non-folder dataset."""
+    if name == "fashionmnist":
+        raw, y, scale = _load_fashionmnist(split, root, download)
+        return raw, y, scale, 10
     if name in TORCHVISION_DATASETS:
         raw, y, scale = _load_torchvision(name, split, _dataset_root(name, root), download)
         return raw, y, scale, DATASET_INFO[name]["num_classes"]
@@ -567,6 +725,81 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
 
+class StratifiedBatchSampler(Sampler[list[int]]):
+    """Batches of indices with every class in every batch (when C <= batch_size), for the implicit
+    ETF head, whose class means need every class (Markou's authors sample class-balanced batches).
+
+    Per epoch (a generator seeded from ``(seed, epoch)``: deterministic per seed), with
+    n_b = ceil(N/batch_size) batches:
+    * C <= batch_size: each class is shuffled; its first n_b samples go one to each batch (a class
+      with fewer than n_b samples is cycled, i.e. oversampled, so that it still reaches every
+      batch); the remaining samples are shuffled and spread evenly over the batches. Batches then
+      hold about N/n_b <= batch_size samples (more only when a class was oversampled). Each sample
+      appears once per epoch otherwise.
+    * C > batch_size: the classes cannot all fit; samples are interleaved (class c's k-th shuffled
+      sample at position (k + u_c)/n_c, u_c uniform) and cut into batches of batch_size, so each
+      batch has distinct classes as far as possible.
+    Iterating advances the epoch; :meth:`set_epoch` sets it. Yields lists of int indices.
+    """
+
+    def __init__(self, labels: Sequence[int] | Tensor, batch_size: int, seed: int = 0) -> None:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() == 0:
+            raise ValueError("labels must not be empty.")
+        if int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0; got min {int(labels.min())}.")
+        self.labels = labels
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed)
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        self.classes, self._cls, self._counts = classes, inverse, counts
+        self.num_batches = math.ceil(labels.numel() / self.batch_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = check_int("epoch", epoch, 0)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def batches(self) -> list[list[int]]:
+        """The batches of the current epoch (without advancing it)."""
+        g = self._generator()
+        N, C, nb = self.labels.numel(), self.classes.numel(), self.num_batches
+        perm = torch.randperm(N, generator=g)
+        cls_perm = self._cls[perm]
+        order = torch.argsort(cls_perm, stable=True)
+        idx = perm[order]  # grouped by class, shuffled within each class
+        cls = cls_perm[order]
+        starts = torch.cumsum(self._counts, 0) - self._counts
+        rank = torch.arange(N) - starts[cls]
+        if C > self.batch_size:
+            u = torch.rand(C, generator=g, dtype=torch.float64)
+            key = (rank.double() + u[cls]) / self._counts[cls].double()
+            flat = idx[torch.argsort(key, stable=True)]
+            return [b.tolist() for b in torch.split(flat, self.batch_size)]
+        slot = torch.arange(nb)
+        reserved = idx[starts[:, None] + slot[None, :] % self._counts[:, None]]  # C x nb, one per class per batch
+        reserved_batch = slot.expand(C, nb)
+        pool = idx[rank >= nb]
+        pool = pool[torch.randperm(pool.numel(), generator=g)]
+        pool_batch = torch.arange(pool.numel()) * nb // max(pool.numel(), 1)
+        all_idx = torch.cat([reserved.reshape(-1), pool])
+        all_batch = torch.cat([reserved_batch.reshape(-1), pool_batch])
+        key = all_batch.double() + torch.rand(all_idx.numel(), generator=g, dtype=torch.float64)
+        o = torch.argsort(key)
+        sizes = torch.bincount(all_batch, minlength=nb).tolist()
+        return [b.tolist() for b in torch.split(all_idx[o], sizes)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        out = self.batches()
+        self.epoch += 1
+        return iter(out)
+
+
 def _batch_identity(batch: Any) -> Any:
     return batch
 
@@ -576,7 +809,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
                 stratified: bool = False) -> DataLoader:
     """A DataLoader whose order is fixed by ``(seed, epoch)`` (see :class:`EpochBatchSampler`).
 
-    ``stratified=True``: batches of :class:`nc_lib.nearest_etf.StratifiedBatchSampler` on
+    ``stratified=True``: batches of :class:`StratifiedBatchSampler` on
     ``dataset.targets`` (every class in every batch when num_classes <= batch_size, sizes balanced
     at about N/ceil(N/batch_size); ``shuffle`` is implied and ``drop_last`` not supported), also a
     function of ``(seed, epoch)`` only. In-memory datasets (:class:`ArrayDataset`) are served a whole

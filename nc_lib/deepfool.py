@@ -1,4 +1,6 @@
-"""DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016), multi-class and batched, for Papyan,
+"""DeepFool, the smallest perturbation that changes a network's decision: Papyan et al. (2020)'s robustness measure.
+
+DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016), multi-class and batched, for Papyan,
 Han & Donoho 2020's robustness figure (Fig. 8: the average ||r(x)||_2 / ||x||_2 over 100 test images).
 
 At the current point x_i, with k0 the original label and f the logits, linearise every boundary

@@ -1,14 +1,16 @@
-"""One large run on several GPUs: data-parallel training (DistributedDataParallel) with measurements
-reduced across ranks, so they equal the single-process numbers.
+"""One large run on several GPUs: data-parallel training whose measurements equal the single-process numbers.
+
+Data-parallel training (DistributedDataParallel) with measurements reduced across ranks, so they equal
+the single-process numbers.
 
 Launch with torchrun, one process per GPU::
 
     torchrun --nproc_per_node=8 -m nc_lib.distributed --config run.json [--runs-dir /shared/runs]
 
-where ``run.json`` holds the fields of a :class:`nc_lib.train.TrainConfig`. The run lands in the
+where ``run.json`` holds the fields of a :class:`nc_lib.config.TrainConfig`. The run lands in the
 same run directory ``runs_dir()/<dataset>-<model>-<hash>`` with the same files as
 :func:`nc_lib.train.train` (config, metrics.jsonl, checkpoints, snapshots, done.json), so
-:func:`nc_lib.train.load_run` and the figure builders read it, and it resumes from its checkpoint
+:func:`nc_lib.runs.load_run` and the figure builders read it, and it resumes from its checkpoint
 with any number of processes (also one). Rank 0 writes; every rank reads the checkpoint.
 
 Training. The global batch is ``config.batch_size``: epoch e's order is the engine's
@@ -38,7 +40,7 @@ mean before summing,
 
 so the pooled within-class scatter N Sigma_W = A' - sum_c d'_c d'_c^T / n_c is that of all the data.
 The per-sample passes (NCC mismatch, accuracy, cosine margins, loss) reduce their counts and sums
-(:func:`reduce_sample_pass`). The passes themselves are :func:`nc_lib.train.measure`'s, given these
+(:func:`reduce_sample_pass`). The passes themselves are :func:`nc_lib.features.measure`'s, given these
 reductions (:func:`rank_reduce`). Float64 features give the single-process numbers to ~1e-12; float32
 features (the engine's default) to float32 rounding of the per-batch products.
 """
@@ -58,13 +60,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import ArrayDataset, _batch_identity, epoch_order, without_augmentation
+from .config import TrainConfig, build_run_model, load_run_data, resolve_device
+from .data import ArrayDataset, StratifiedBatchSampler, _batch_identity, epoch_order, without_augmentation
+from .features import MeasureReduce, measure, snapshot_indices
 from .metrics import CollapseAccumulator, SampleAccumulator
-from .nearest_etf import FeatureMeanTracker, StratifiedBatchSampler
-from .train import (EpochResult, MeasureReduce, RunResult, RunWriter, TrainConfig, _Step, _atomic_write_json, _build,
-                    _fresh_start, _load_data, _make_optimizer, _make_scheduler, _resume_checkpoint,
-                    _snapshot_indices, environment_record, load_run, measure, resolve_device, run_dir, run_epochs,
-                    train_epoch)
+from .nearest_etf import FeatureMeanTracker
+from .runs import EpochResult, RunResult, RunWriter, load_run, resume_checkpoint, run_dir, write_run_start
+from .train import _fresh_start, _make_optimizer, _make_scheduler, _Step, run_epochs, train_epoch
 from .validation import check_choice, check_int
 
 BACKENDS = ("gloo", "nccl")
@@ -171,7 +173,7 @@ def reduce_sample_pass(sp: SampleAccumulator) -> SampleAccumulator:
 
 
 def rank_reduce(device: torch.device) -> MeasureReduce:
-    """The reductions across ranks of :func:`nc_lib.train.measure`'s passes: running sums all-reduced
+    """The reductions across ranks of :func:`nc_lib.features.measure`'s passes: running sums all-reduced
     (on the CPU under gloo), :func:`reduce_accumulator`, :func:`reduce_sample_pass`."""
     red_dev = device if (rank_and_world()[1] == 1 or dist.get_backend() == "nccl") else torch.device("cpu")
     return MeasureReduce(sums=lambda t: _all_reduce_(t.to(red_dev)),
@@ -182,7 +184,7 @@ def rank_reduce(device: torch.device) -> MeasureReduce:
 def measure_distributed(model: nn.Module, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
                         device: torch.device, *, train_sample_pass: bool = False,
                         amp: bool = False) -> tuple[dict[str, float], CollapseAccumulator]:
-    """:func:`nc_lib.train.measure` over sharded loaders, reduced across ranks (every rank gets
+    """:func:`nc_lib.features.measure` over sharded loaders, reduced across ranks (every rank gets
     the same numbers): the same passes, with :func:`rank_reduce` combining them. With one process
     it is the single-process measurement; float64 models keep float64 features throughout."""
     return measure(model, train_loader, test_loader, num_classes, device, train_sample_pass=train_sample_pass,
@@ -223,7 +225,7 @@ class DistributedEpochBatchSampler(Sampler[list[int]]):
     the r-th of ``world`` contiguous slices of each.
 
     ``labels`` given (the engine's ``stratified_batches=True``): the global batches are those of
-    :class:`nc_lib.nearest_etf.StratifiedBatchSampler` (labels, batch_size, seed) at epoch e, the
+    :class:`nc_lib.data.StratifiedBatchSampler` (labels, batch_size, seed) at epoch e, the
     single-process engine's batches, so every class is in every global batch when
     num_classes <= batch_size. Each global batch is sorted by class (stably) and dealt out in turn,
     rank r taking positions r, r + world, ... of the sorted batch (its slice then keeps the global
@@ -309,7 +311,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
 
     Same run directory, files and checkpoints as :func:`nc_lib.train.train`, through the same
     epoch step (:func:`nc_lib.train.train_epoch`, with a per-rank loss weight and all-reduced
-    running sums) and measurement writer (:class:`nc_lib.train.RunWriter`, rank 0 writes); a
+    running sums) and measurement writer (:class:`nc_lib.runs.RunWriter`, rank 0 writes); a
     finished run is loaded, a partial one resumes from its last checkpoint. sync_batchnorm:
     SyncBatchNorm (default: on GPUs). stop_after_epochs: stop once that many epochs are done (as if killed).
     """
@@ -325,13 +327,9 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(path / "config.json", config.to_dict())
-        env = environment_record(device)
-        env.update({"world_size": world, "backend": dist.get_backend() if world > 1 else None,
-                    "launcher": "nc_lib.distributed"})
-        _atomic_write_json(path / "env.json", env)
-    train_set, test_set = _load_data(config)
+        write_run_start(path, config, device, world_size=world, backend=dist.get_backend() if world > 1 else None,
+                        launcher="nc_lib.distributed")
+    train_set, test_set = load_run_data(config)
     C = train_set.num_classes
     pin = device.type == "cuda"
     sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed,
@@ -340,13 +338,13 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     eval_set = without_augmentation(train_set)
     eval_train = _loader(eval_set, ShardBatchSampler(len(eval_set), config.eval_batch_size), pin)
     eval_test = _loader(test_set, ShardBatchSampler(len(test_set), config.eval_batch_size), pin)
-    snap_idx = _snapshot_indices(train_set.targets, config.snapshot_per_class, C, config.data_seed) \
+    snap_idx = snapshot_indices(train_set.targets, config.snapshot_per_class, C, config.data_seed) \
         if config.snapshot_per_class > 0 else None
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2 ** 32))
     model_info = {"num_classes": C, "input_shape": list(train_set.input_shape)}
-    model = _build(config, device, model_info)
+    model = build_run_model(config, device, model_info)
     if sync_batchnorm is None:
         sync_batchnorm = device.type == "cuda" and world > 1
     if sync_batchnorm:
@@ -354,7 +352,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
     _barrier()  # rank 0 has made the directory
-    start = _resume_checkpoint(path, model, opt, sched, restore_rng=False)
+    start = resume_checkpoint(path, model, opt, sched, restore_rng=False)
     if start == 0:
         _fresh_start(model, opt)  # AGD's initialisation: the same on every rank (same seed)
     writer = RunWriter(config, path, model_info, eval_set, snap_idx, write=rank == 0,

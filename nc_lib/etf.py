@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .validation import check_int
+from .validation import check_float_dtype, check_int
 
 
 def _centering(C: int, dtype: torch.dtype) -> Tensor:
@@ -27,21 +27,24 @@ def _centering(C: int, dtype: torch.dtype) -> Tensor:
 def etf_gram(C: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """The normalised Gram target (I - 11^T/C)/sqrt(C-1), of unit Frobenius norm (Zhu et al. 2021)."""
     C = check_int("C", C, 2)
-    return _centering(C, dtype) / math.sqrt(C - 1)
+    return _centering(C, check_float_dtype("dtype", dtype)) / math.sqrt(C - 1)
 
 
 def simplex_etf(C: int, d: int | None = None, *, rotate: bool = False, seed: int = 0,
-                dtype: torch.dtype = torch.float64) -> Tensor:
+                dtype: torch.dtype | str = torch.float64) -> Tensor:
     """C unit vectors in R^d forming a simplex ETF, as the rows of a (C x d) matrix.
 
     Rows = columns of sqrt(C/(C-1)) P (I - 11^T/C). Without ``rotate`` P is the canonical
     embedding (identity in the first C coordinates); with ``rotate`` P is a random orthonormal
-    d x C matrix drawn from ``seed``. ``d`` defaults to C; d = C-1 is allowed.
+    d x C matrix drawn from ``seed`` (an integer). ``d`` defaults to C; d = C-1 is allowed. ``dtype`` is a
+    floating-point torch dtype or its name ("float32").
     """
     C = check_int("C", C)
     if C < 2:
         raise ValueError(f"A simplex ETF needs at least C=2 classes; got C={C}.")
-    d = C if d is None else d
+    d = C if d is None else check_int("d", d)
+    seed = check_int("seed", seed, -2 ** 63, 2 ** 64 - 1)  # the range torch.Generator.manual_seed takes
+    dtype = check_float_dtype("dtype", dtype)
     if d < C - 1:
         raise ValueError(f"A simplex ETF of C={C} vectors needs dimension d >= C-1={C - 1}; got d={d}.")
     centred = math.sqrt(C / (C - 1)) * _centering(C, torch.float64)  # C x C, rows sum to 0

@@ -2,9 +2,13 @@
 
 * :func:`save_figure` writes a plotly figure as ``figures/<id>.html`` (interactive, frames kept)
   and ``figures/<id>.png`` (static, through kaleido and a Chromium; skipped with a one-line
-  message where none is installed), and records it in ``figures/manifest.json`` with its paper,
-  title, notebook, scale, parameters, commit and time.
+  message where none is installed), and, for an animation, ``figures/<id>.gif`` (and ``<id>.mp4``
+  where imageio-ffmpeg is installed) for slides; it records them in ``figures/manifest.json`` with
+  its paper, title, notebook, scale, parameters, commit and time.
 * :func:`save_table` does the same for tables: ``<id>.html`` and ``<id>.csv``.
+* Every file is written through :mod:`nc_lib.atomic_io` (a temporary file in the same folder, renamed
+  into place): a writer killed halfway leaves the previous file and a manifest that lists only
+  complete files; :func:`write_gallery` removes the temporaries such a writer left behind.
 * ``python -m nc_lib.figures --scale quick [--only ID_OR_PREFIX]`` (what ``make figures`` runs)
   executes the notebooks that own the requested ids with papermill, using the parameter preset
   ``notebooks/presets/<notebook>.<scale>.yaml``, writes the executed notebooks to
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import functools
 import html
 import io
 import json
@@ -30,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic_io import atomic_write_bytes, atomic_write_with, remove_stale_temporaries, temporary_path
 from .paths import REPO_ROOT, figures_dir
 from .validation import check_choice
 
@@ -59,6 +65,7 @@ _PAPYAN_PANELS = {
 
 CATALOGUE: dict[str, dict[str, str]] = {
     "papyan2020_fig1": _entry("Neural collapse, animated", "Features, class means and classifier rows of a C = 3 (or 4) problem converging to the simplex ETF during training; here on the unconstrained features model.", _NB01),
+    "papyan2020_fig1_network": _entry("Neural collapse in a trained network, animated", "The same picture as papyan2020_fig1 for a real network trained into the terminal phase: a feature sample, the class means and the classifier rows at each measurement epoch.", _NB03),
     **{f"papyan2020_{k}": _entry(t, c + " One panel per dataset, one curve per network; the dashed line marks the onset of the terminal phase (first epoch with zero training error).", _NB03)
        for k, (t, c) in _PAPYAN_PANELS.items()},
     "papyan2020_table1": _entry("Test accuracy at zero training error and at the end", "Test accuracy at the first epoch of zero training error and at the last epoch, per dataset and network: training into the terminal phase does not hurt, and usually helps.", _NB03, "table"),
@@ -115,12 +122,6 @@ def _commit() -> str:
         return "unknown"
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _jsonable(params: dict[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(params or {}, default=str))
 
@@ -144,7 +145,7 @@ def _record(fig_id: str, files: list[str], scale: str, params: dict[str, Any] | 
         record["seconds"] = round(float(seconds), 2)
     manifest = read_manifest(out_dir)
     manifest[fig_id] = record
-    _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return record
 
 
@@ -180,8 +181,40 @@ def _write_png(fig: Any, path: Path) -> bool:
             pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fig.write_image(str(path), width=fig.layout.width or 1100, height=fig.layout.height or 650)
+        atomic_write_with(path, lambda tmp: fig.write_image(
+            str(tmp), format="png", width=fig.layout.width or 1100, height=fig.layout.height or 650))
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def _plotlyjs_bundle() -> bytes:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().encode()
+
+
+def _write_plotlyjs(out: Path) -> None:
+    """``plotly.min.js`` beside the figures (what ``include_plotlyjs="directory"`` pages load), written when
+    missing or incomplete."""
+    path = out / "plotly.min.js"
+    bundle = _plotlyjs_bundle()
+    if not path.exists() or path.stat().st_size != len(bundle):
+        atomic_write_bytes(path, bundle)
+
+
+#: Frames and time per frame of the GIF (and MP4) that :func:`save_figure` writes for an animation.
+GIF_FRAMES = 20
+GIF_FRAME_MS = 200
+
+
+def _write_animation(fig: Any, path: Path) -> list[str]:
+    """``<id>.gif`` (and ``<id>.mp4``) of an animated figure; none without a Chromium (as for the PNG)."""
+    if chromium_path() is None:
+        return []
+    from .animation import save_animation
+
+    written = save_animation(fig, path, frames=min(GIF_FRAMES, len(fig.frames)), duration_ms=GIF_FRAME_MS)
+    return [p.name for p in written]
 
 
 def save_figure(fig: Any, fig_id: str, *, scale: str, params: dict[str, Any] | None = None,
@@ -191,7 +224,8 @@ def save_figure(fig: Any, fig_id: str, *, scale: str, params: dict[str, Any] | N
 
     ``scale`` is "quick" or "paper"; ``params`` the parameters that made it; ``note`` says what
     differs from the paper at this scale (shown in the gallery). For an animation the HTML keeps
-    the frames and the PNG shows frame ``png_frame`` (default: the last frame).
+    the frames, the PNG shows frame ``png_frame`` (default: the last frame), and ``<id>.gif`` (plus
+    ``<id>.mp4`` where an encoder is installed) plays :data:`GIF_FRAMES` of them for slides.
     """
     _check_id(fig_id)
     check_choice("scale", scale, SCALES)
@@ -201,7 +235,8 @@ def save_figure(fig: Any, fig_id: str, *, scale: str, params: dict[str, Any] | N
         fig.update_layout(title=CATALOGUE[fig_id]["title"])
     html_path = out / f"{fig_id}.html"
     # plotly.js is written once beside the figures ("directory"): the pages work offline and stay small
-    fig.write_html(str(html_path), include_plotlyjs="directory", auto_play=False)
+    _write_plotlyjs(out)
+    atomic_write_bytes(html_path, fig.to_html(include_plotlyjs="directory", auto_play=False))
     files = [html_path.name]
     static = fig
     if fig.frames:
@@ -216,6 +251,8 @@ def save_figure(fig: Any, fig_id: str, *, scale: str, params: dict[str, Any] | N
         static.layout.sliders = ()
     if _write_png(static, out / f"{fig_id}.png"):
         files.append(f"{fig_id}.png")
+    if fig.frames:
+        files += _write_animation(fig, out / f"{fig_id}.gif")
     return _record(fig_id, files, scale, params, notebook, note, out, seconds)
 
 
@@ -233,7 +270,7 @@ def save_table(rows: list[dict[str, Any]], table_id: str, *, scale: str, params:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / f"{table_id}.csv", buf.getvalue())
+    atomic_write_bytes(out / f"{table_id}.csv", buf.getvalue())
 
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -246,15 +283,17 @@ def save_table(rows: list[dict[str, Any]], table_id: str, *, scale: str, params:
             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}</style>"
             f"<h2>{title}</h2><p>{html.escape(CATALOGUE[table_id]['caption'])}</p>"
             f"<table><tr>{head}</tr>{body}</table><p>scale: {scale}. {html.escape(note)}</p>")
-    _atomic_write(out / f"{table_id}.html", page)
+    atomic_write_bytes(out / f"{table_id}.html", page)
     return _record(table_id, [f"{table_id}.html", f"{table_id}.csv"], scale, params, notebook, note, out, None)
 
 
 # --------------------------------------------------------------------------- gallery
 def write_gallery(out_dir: Path | None = None, timings: dict[str, float] | None = None) -> Path:
-    """Regenerate ``index.html`` and ``README.md`` listing every figure of the manifest with its caption."""
+    """Regenerate ``index.html`` and ``README.md`` listing every figure of the manifest with its caption, and
+    remove the temporary files of writers that were killed."""
     out = Path(out_dir or figures_dir())
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, recursive=False)
     manifest = read_manifest(out)
     missing = [k for k in CATALOGUE if k not in manifest]
     md = ["# Figure gallery", "", "Generated by `make figures`; do not edit. Each entry: the paper's figure in our words, "
@@ -264,7 +303,7 @@ def write_gallery(out_dir: Path | None = None, timings: dict[str, float] | None 
         if fig_id not in manifest:
             continue
         rec, entry = manifest[fig_id], CATALOGUE[fig_id]
-        img = f"{fig_id}.png" if f"{fig_id}.png" in rec["files"] else None
+        img = next((f"{fig_id}.{ext}" for ext in ("gif", "png") if f"{fig_id}.{ext}" in rec["files"]), None)
         link = f"{fig_id}.html"
         md += [f"## {fig_id}: {entry['title']}", "", entry["caption"], "",
                f"*Scale*: `{rec['scale']}` · *notebook*: `{rec['notebook']}` · *commit*: `{rec['commit']}`"
@@ -275,6 +314,9 @@ def write_gallery(out_dir: Path | None = None, timings: dict[str, float] | None 
         cards.append(
             f"<div class='card'><h3>{html.escape(fig_id)}: {html.escape(entry['title'])}</h3>"
             + (f"<a href='{link}'><img src='{img}' loading='lazy'></a>" if img else f"<a href='{link}'>open</a>")
+            + (f"<p class='meta'>animation: <a href='{fig_id}.gif'>GIF</a>"
+               + (f", <a href='{fig_id}.mp4'>MP4</a>" if f"{fig_id}.mp4" in rec["files"] else "") + " (for slides)</p>"
+               if f"{fig_id}.gif" in rec["files"] else "")
             + f"<p>{html.escape(entry['caption'])}</p><p class='meta'>scale <b>{rec['scale']}</b>, notebook "
             f"{html.escape(rec['notebook'])}, commit {rec['commit']}</p>"
             + (f"<p class='note'>At this scale: {html.escape(rec['note'])}</p>" if rec.get("note") else "") + "</div>")
@@ -283,14 +325,14 @@ def write_gallery(out_dir: Path | None = None, timings: dict[str, float] | None 
     if timings:
         md += ["## Time per notebook", "", "| notebook | seconds |", "|---|---|"]
         md += [f"| {k} | {v:.1f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.1f} |", ""]
-    _atomic_write(out / "README.md", "\n".join(md))
+    atomic_write_bytes(out / "README.md", "\n".join(md))
     page = ("<!doctype html><meta charset='utf-8'><title>Neural collapse: figure gallery</title><style>"
             "body{font-family:sans-serif;margin:2em;background:#fafafa}.grid{display:grid;grid-template-columns:"
             "repeat(auto-fill,minmax(420px,1fr));gap:1em}.card{background:white;padding:1em;border:1px solid #ddd}"
             "img{width:100%}.meta{color:#666;font-size:90%}.note{color:#a50}</style>"
             "<h1>Neural collapse: figure gallery</h1><div class='grid'>" + "".join(cards) + "</div>"
             + (f"<p>Not yet generated: {html.escape(', '.join(missing))}</p>" if missing else ""))
-    _atomic_write(out / "index.html", page)
+    atomic_write_bytes(out / "index.html", page)
     return out / "index.html"
 
 
@@ -330,18 +372,33 @@ def select_notebooks(only: str | None) -> list[Path]:
 def run_notebook(notebook: Path, scale: str, build_dir: Path, extra: dict[str, Any] | None = None,
                  timeout: int | None = None) -> float:
     """Execute one notebook with papermill at ``scale``; returns seconds taken."""
+    import warnings
+
     import papermill as pm
 
     build_dir.mkdir(parents=True, exist_ok=True)
     params = {**preset(notebook, scale), **(extra or {})}
     os.environ["NC_NOTEBOOK"] = notebook.stem
+    # papermill has no widget manager: the kernel draws plain figures (nc_lib.frontend), unless NC_WIDGETS says
+    widgets_env = os.environ.get("NC_WIDGETS")
+    os.environ["NC_WIDGETS"] = widgets_env or "0"
+    # papermill rewrites its output as the cells run: into a temporary file, renamed into place at the end
+    # (also when a cell failed, so that the notebook shows the error)
+    out, tmp = build_dir / notebook.name, temporary_path(build_dir / notebook.name)
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(notebook), str(build_dir / notebook.name), parameters=params,
-                            cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
-                            execution_timeout=timeout)
+        with warnings.catch_warnings():  # papermill warns that the temporary's name does not end in .ipynb
+            warnings.filterwarnings("ignore", message=r"The specified file .* does not end in")
+            pm.execute_notebook(str(notebook), str(tmp), parameters=params, cwd=str(notebook.parent),
+                                kernel_name="python3", progress_bar=False, execution_timeout=timeout)
     finally:
+        if tmp.exists():
+            os.replace(tmp, out)
         os.environ.pop("NC_NOTEBOOK", None)
+        if widgets_env is None:
+            os.environ.pop("NC_WIDGETS", None)
+        else:
+            os.environ["NC_WIDGETS"] = widgets_env
     return time.perf_counter() - t0
 
 
@@ -366,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest()
     print(f"[figures] {len(manifest)} of {len(CATALOGUE)} catalogue ids in {figures_dir() / 'manifest.json'}; "
           f"total {sum(timings.values()):.1f} s; gallery: {gallery}")
+    print(f"[figures] executed notebooks in {Path(args.build) / args.scale}; `make book SCALE={args.scale}` builds "
+          f"the course as a static site from them in {REPO_ROOT / 'build' / 'book'} (open index.html there).")
     return 0
 
 

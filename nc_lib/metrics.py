@@ -26,10 +26,27 @@ How it is computed
   second pass, :meth:`CollapseAccumulator.sample_pass`, on any set (train or test).
 
 Products of features are taken in the features' dtype (float32 features: float32 matrix products,
-float64 sums); pass float64 features for float64 throughout.
+float64 sums); pass float64 features for float64 throughout. Half-precision features are taken as float32.
+
+Numeric range
+-------------
+Under h -> a h (a > 0) every measurement is unchanged except NC4: NC1 (Sigma_W and Sigma_B both scale
+by a^2), equinorm, equiangularity, maximal angle, self-duality, Zhu's NC2 and NC3, WH-equinorm, the ETF
+distances, the NCC accuracy and the cosine margins are invariant; accuracy and NCC mismatch are invariant
+when b scales with h (argmax(W h + b) = argmax(W h/a + b/a)), and under W, b -> t W, t b; NC4 =
+||W mu_G + b|| is computed in float64 from the float64 means. So the float32 products are taken on
+h/s (and W/t, b/(s t)) with s, t powers of two that bring the centred class means (streaming: the
+first samples) and W to magnitude ~1 whenever these lie outside [2^-20, 2^20]. Dividing by a power of
+two is exact: in range the numbers are, bit for bit, those of plain arithmetic, and features of
+magnitude 1e19 or 1e-25 give the numbers of the same features at magnitude 1 instead of overflowing
+or underflowing float32. What still cannot be represented (float32 features some 1e17 times larger
+than the spread of the class means, or, streaming, than the first samples) raises a ValueError; so do
+features whose class means all coincide (all features zero or identical): there is no between-class
+spread to measure.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -41,6 +58,8 @@ from .validation import check_choice, check_int
 MEAN_CONVENTIONS = ("class_means", "samples")
 CHUNK = 8192
 MEAN_CHUNK = 1024
+#: Centred means (and W) of magnitude within [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] are measured unscaled.
+SAFE_EXPONENT = 20
 
 #: Each paper's label for a measurement -> the key of the result dict.
 PAPER_NAMES: dict[str, dict[str, str]] = {
@@ -76,13 +95,14 @@ PAPER_NAMES: dict[str, dict[str, str]] = {
 
 # --------------------------------------------------------------------------- input checks
 def _check_features(features: Tensor, name: str = "features") -> Tensor:
+    """``features`` as a 2-D float32 or float64 tensor (numpy arrays accepted, half precision widened)."""
     if not isinstance(features, Tensor):
         features = torch.as_tensor(features)
     if features.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N x p) tensor; got shape {tuple(features.shape)}.")
-    if not features.is_floating_point():
+    if not features.is_floating_point() or features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
-    return features
+    return features.detach()
 
 
 def _raise_if_not_finite(features: Tensor, name: str = "features") -> None:
@@ -91,6 +111,44 @@ def _raise_if_not_finite(features: Tensor, name: str = "features") -> None:
     bad = int((~torch.isfinite(features)).any(1).sum())
     if bad:
         raise ValueError(f"{name} contain NaN or Inf values (in {bad} of {features.shape[0]} rows).")
+
+
+def _power_of_two_scale(magnitude: float) -> float:
+    """1.0 for a magnitude within [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] (or zero), else the power of two just above it.
+
+    Dividing by it is exact (see "Numeric range" in the module doc). The exponent is kept within +-120 so that
+    1/s stays finite in float32: that still maps every float32 magnitude, subnormals included, into range."""
+    if not (magnitude > 0 and math.isfinite(magnitude)) or 2.0 ** -SAFE_EXPONENT <= magnitude <= 2.0 ** SAFE_EXPONENT:
+        return 1.0
+    return math.ldexp(1.0, min(max(math.frexp(magnitude)[1], -120), 120))
+
+
+def _range_error(features: Tensor, reference: float, what: str = "class means") -> ValueError:
+    """The error for finite features whose products overflow their dtype even after rescaling."""
+    top = float(features.abs().max())
+    advice = ("pass them as float64 (features.double())" if features.dtype != torch.float64
+              else "rescale them")
+    return ValueError(
+        f"features span too wide a range for {features.dtype} arithmetic: magnitudes up to {top:.3g} against "
+        f"{what} of magnitude {reference:.3g}, so their products overflow; {advice}.")
+
+
+class NoBetweenClassSpreadError(ValueError):
+    """The class means coincide (e.g. all features zero, as at the UFM's origin): collapse is undefined."""
+
+
+def _check_centred_means(means: Tensor, mu_G: Tensor) -> float:
+    """Raise if the class means coincide (no between-class spread: all features zero or identical?) or lie
+    beyond what float64 can square; return max |mu_c - mu_G|."""
+    if bool((means == means[:1]).all()):
+        raise NoBetweenClassSpreadError(
+            "all class means are equal (are all features zero or identical?): there is no between-class "
+            "spread to measure collapse against; check the features and the labels.")
+    m = float((means - mu_G).abs().max())
+    if not 2.0 ** -480 < m < 2.0 ** 480:
+        raise ValueError(f"the centred class means have magnitude {m:.3g}, beyond what float64 can square; "
+                         "rescale the features.")
+    return m
 
 
 def _check_labels(labels: Tensor, n: int, num_classes: int, name: str = "labels") -> Tensor:
@@ -123,6 +181,8 @@ def _check_classifier(W: Tensor | None, b: Tensor | None, num_classes: int, p: i
         b = torch.as_tensor(b).detach()
         if b.shape != (num_classes,):
             raise ValueError(f"b must have shape ({num_classes},) to match W; got {tuple(b.shape)}.")
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError("b contains NaN or Inf values.")
     return W.to(torch.float64), None if b is None else b.to(torch.float64)
 
 
@@ -245,28 +305,40 @@ class SampleAccumulator:
     * with ``within_class=True`` (only valid on the set the means came from) the sum of
       ||S_r^-1 Vh_r (h_i - mu_{y_i})||^2 that gives Tr(Sigma_W Sigma_B^+)/C.
 
-    One product of the centred batch with [Mdot; W]^T serves all of them.
+    One product of the centred batch with [Mdot; W]^T serves all of them. It is taken on h/s and W/t,
+    s and t powers of two that bring the centred means and W to magnitude ~1 when they lie outside
+    [2^-20, 2^20] (``scale`` sets s; see "Numeric range" in the module doc): every result is invariant.
     """
 
     def __init__(self, means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None, *,
-                 within_class: bool = False, keep_margins: bool = False, means_gram: Tensor | None = None) -> None:
+                 within_class: bool = False, keep_margins: bool = False, means_gram: Tensor | None = None,
+                 scale: float | None = None) -> None:
         self.means = means.to(torch.float64)
         self.mu_G = mu_G.to(torch.float64)
         self.num_classes, self.p = means.shape
         self.W, self.b = _check_classifier(W, b, self.num_classes, self.p)
         Mdot = self.means - self.mu_G
+        self.scale = _power_of_two_scale(float(Mdot.abs().max())) if scale is None else float(scale)
+        s = self.scale
+        if s != 1.0:
+            Mdot = Mdot / s  # exact: s is a power of two
+        self._mu_G = self.mu_G / s
         self._Mdot = Mdot
         self._mdot_sq = Mdot.pow(2).sum(1)
         rows = [Mdot]
         if self.W is not None:
-            self._Wc_norm = (self.W - self.W.mean(0)).norm(dim=1)
-            self._logit_offset = self.W @ self.mu_G + (0 if self.b is None else self.b)
-            rows.append(self.W)
+            t = _power_of_two_scale(float(self.W.abs().max()))
+            Wt = self.W if t == 1.0 else self.W / t
+            self._Wc_norm = (Wt - Wt.mean(0)).norm(dim=1)
+            # logits over s t: (W/t)(h/s) + (W mu_G + b)/(s t) - (W/t)(mu_G/s) = (W h + b)/(s t), same argmax
+            self._logit_offset = (Wt @ self.mu_G + (0 if self.b is None else self.b / t)) / s
+            rows.append(Wt)
         self._K = torch.cat(rows, 0)  # (C or 2C) x p
         self.within_class = within_class
         if within_class:
-            # ||S_r^-1 Vh_r r||^2 = ||G^+ Mdot r||^2 (see between_class_gram_pinv)
-            gram = Mdot @ Mdot.T if means_gram is None else means_gram
+            # ||S_r^-1 Vh_r r||^2 = ||G^+ Mdot r||^2 (see between_class_gram_pinv), invariant under
+            # Mdot, r -> Mdot/s, r/s
+            gram = Mdot @ Mdot.T if means_gram is None else means_gram if s == 1.0 else means_gram / (s * s)
             self._nc1_map = between_class_gram_pinv(Mdot, gram)  # C x C
             self._nc1_offsets = gram  # row y: Mdot_y . Mdot_c
         self.n = 0
@@ -285,14 +357,17 @@ class SampleAccumulator:
         C = self.num_classes
         gram_pinv = self._nc1_map.to(features) if self.within_class else None
         offsets = self._nc1_offsets.to(features) if self.within_class else None
-        K, mu_G = self._K.to(features), self.mu_G.to(features)
+        K, mu_G = self._K.to(features), self._mu_G.to(features)
         for s in range(0, features.shape[0], CHUNK):
             X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
-            Xc = X - mu_G  # centred on the global mean
-            # the NaN/Inf check on B row norms rather than on B x p features: any NaN or Inf reaches them
+            # centred on the global mean, over the scale s (exact)
+            Xc = X - mu_G if self.scale == 1.0 else torch.mul(X, 1.0 / self.scale).sub_(mu_G)
+            # the NaN/Inf check on B row norms rather than on B x p features: any NaN or Inf reaches them, and so
+            # does an overflow of the squares
             h_norm = Xc.norm(dim=1)
             if not bool(torch.isfinite(h_norm.sum())):
                 _raise_if_not_finite(X)
+                raise _range_error(X, float(self._Mdot.abs().max()) * self.scale)
             G = Xc @ K.T  # B x (C or 2C), in the features' dtype
             proj = G[:, :C]  # (h - mu_G) . Mdot_c
             ncc = (self._mdot_sq.to(G) - 2 * proj).argmin(1)
@@ -301,7 +376,10 @@ class SampleAccumulator:
                 # residual projections Mdot (h - mu_y) and the C x C product in the features' dtype (proj
                 # carries that dtype's rounding already), the sum of squares in float64
                 R = proj - offsets[y]
-                self.nc1_sum += float((R @ gram_pinv).pow(2).sum(dtype=torch.float64))
+                nc1 = float((R @ gram_pinv).pow(2).sum(dtype=torch.float64))
+                if not math.isfinite(nc1):
+                    raise _range_error(X, float(self._Mdot.abs().max()) * self.scale)
+                self.nc1_sum += nc1
             if self.W is not None:
                 raw = G[:, C:]  # (h - mu_G) . w_c
                 pred = (raw + self._logit_offset.to(G)).argmax(1)
@@ -338,26 +416,36 @@ class SampleAccumulator:
 
 
 # --------------------------------------------------------------------------- in memory
-def _add_class_sums(target: Tensor, labels: Tensor, X: Tensor) -> None:
-    """target[c] += sum of the rows of X with label c (target float64). A one-hot product for few classes
-    (index_add_ serialises on the few rows it writes), index_add_ for many."""
+def _add_class_sums(target: Tensor, labels: Tensor, X: Tensor, weight: float = 1.0) -> None:
+    """target[c] += weight * (sum of the rows of X with label c) (target float64). A one-hot product for few
+    classes (index_add_ serialises on the few rows it writes), index_add_ for many."""
     C = target.shape[0]
     if C <= 64:
-        target += (torch.nn.functional.one_hot(labels, C).to(X.dtype).T @ X).to(target.dtype)
+        target.add_((torch.nn.functional.one_hot(labels, C).to(X.dtype).T @ X).to(target.dtype), alpha=weight)
     else:
-        target.index_add_(0, labels, X.to(target.dtype))
+        target.index_add_(0, labels, X.to(target.dtype), alpha=weight)
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Class means (C x p, float64, summed in float64 chunk by chunk) and counts (C,)."""
-    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
-    for s in range(0, features.shape[0], MEAN_CHUNK):  # small chunks: the float64 copy stays in cache
-        _add_class_sums(sums, labels[s:s + MEAN_CHUNK], features[s:s + MEAN_CHUNK].to(torch.float64))
-    if not bool(torch.isfinite(sums).all()):
-        _raise_if_not_finite(features)
+    """Class means (C x p, float64, summed in float64 chunk by chunk) and counts (C,).
+
+    Identical features give identical means: float64 sums of up to 2^29 equal float32 values are exact,
+    and float64 features are summed as deviations from the first sample, mu_c = h_1 + mean_{i in c}(h_i - h_1)."""
     counts = torch.bincount(labels, minlength=num_classes)
     _check_counts(counts)
-    return sums / counts[:, None].to(torch.float64), counts
+    features = features.detach()
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    ref = features[:1] if features.dtype == torch.float64 else None
+    for s in range(0, features.shape[0], MEAN_CHUNK):  # small chunks: the float64 copy stays in cache (no name
+        # holds it past its call, so that the next chunk reuses its memory)
+        X = features[s:s + MEAN_CHUNK]
+        _add_class_sums(sums, labels[s:s + MEAN_CHUNK], X.to(torch.float64) if ref is None else X - ref)
+    if not bool(torch.isfinite(sums).all()):
+        _raise_if_not_finite(features)
+        raise ValueError(f"features of magnitude up to {float(features.abs().max()):.3g} overflow float64 "
+                         "class sums; rescale them.")
+    means = sums / counts[:, None].to(torch.float64)
+    return (means if ref is None else ref + means), counts
 
 
 def within_class_variability(features: Tensor, labels: Tensor, num_classes: int, *,
@@ -371,7 +459,10 @@ def within_class_variability(features: Tensor, labels: Tensor, num_classes: int,
     labels = _check_labels(labels, features.shape[0], num_classes).to(features.device)
     means, counts = class_means(features, labels, num_classes)
     mu_G = global_mean(means, counts, mean_convention)
-    Mdot = means - mu_G
+    # on h/scale (exact, a power of two; the result is scale-invariant: module doc, "Numeric range")
+    scale = _power_of_two_scale(_check_centred_means(means, mu_G))
+    Mdot = means - mu_G if scale == 1.0 else (means - mu_G) / scale
+    mu_G = (mu_G / scale).to(features)
     gram_pinv = between_class_gram_pinv(Mdot)
     # project on the pseudo-inverse-weighted directions G^+ Mdot directly: one N x p x C product
     P = (gram_pinv @ Mdot).to(features)  # C x p
@@ -379,8 +470,11 @@ def within_class_variability(features: Tensor, labels: Tensor, num_classes: int,
     total = 0.0
     for s in range(0, features.shape[0], CHUNK):
         X, y = features[s:s + CHUNK], labels[s:s + CHUNK]
-        Z = (X - mu_G.to(X)) @ P.T
+        Z = ((X - mu_G) if scale == 1.0 else torch.mul(X, 1.0 / scale).sub_(mu_G)) @ P.T
         total += float((Z.to(torch.float64) - offsets[y]).pow(2).sum())
+    if not math.isfinite(total):
+        _raise_if_not_finite(features)
+        raise _range_error(features, float(Mdot.abs().max()) * scale)
     return total / features.shape[0]
 
 
@@ -398,8 +492,11 @@ def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tens
     features = _check_features(features)
     labels = _check_labels(labels, features.shape[0], num_classes).to(features.device)
     W, b = _check_classifier(W, b, num_classes, features.shape[1])
+    if test_labels is not None and test_features is None:
+        raise ValueError("test_labels were given without test_features; pass both or neither.")
     means, counts = class_means(features, labels, num_classes)
     mu_G = global_mean(means, counts, mean_convention)
+    _check_centred_means(means, mu_G)
     gram = centred_means_gram(means, mu_G)
     out = geometry(means, mu_G, W, b, means_gram=gram)
     train = SampleAccumulator(means, mu_G, W, b, within_class=True, means_gram=gram)
@@ -408,7 +505,7 @@ def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tens
     if test_features is not None:
         test_features = _check_features(test_features, "test_features")
         if test_labels is None:
-            raise ValueError("test_features were given without test_labels.")
+            raise ValueError("test_features were given without test_labels; pass both or neither.")
         test = SampleAccumulator(means, mu_G, W, b)
         test.update(test_features, _check_labels(test_labels, test_features.shape[0], num_classes, "test_labels"))
         out.update(test.result("_test"))
@@ -418,11 +515,23 @@ def measure_collapse(features: Tensor, labels: Tensor, num_classes: int, W: Tens
 def cosine_margins(features: Tensor, labels: Tensor, W: Tensor, global_mean: Tensor) -> Tensor:
     """Per-sample cosine margins (Markou 2024): cos(h_i - mu_G, w_{y_i}) - max_{c != y_i} cos(h_i - mu_G, w_c),
     W centred over classes. Returns an (N,) float64 tensor; sort it for Markou's PCM plot."""
-    W = torch.as_tensor(W).detach()
-    C, p = W.shape
     features = _check_features(features)
-    placeholder = torch.zeros(C, p, dtype=torch.float64, device=features.device) + global_mean.to(features.device, torch.float64)
-    acc = SampleAccumulator(placeholder, global_mean, W, None, keep_margins=True)
+    p = features.shape[1]
+    W = torch.as_tensor(W).detach()
+    if W.ndim != 2 or W.shape[1] != p or W.shape[0] < 2:
+        raise ValueError(f"W must have shape (num_classes, feature_dim) = (C >= 2, {p}) to match the features; "
+                         f"got {tuple(W.shape)}.")
+    mu_G = torch.as_tensor(global_mean).detach().to(features.device, torch.float64)
+    if mu_G.shape != (p,):
+        raise ValueError(f"global_mean must have shape (feature_dim,) = ({p},) to match the features; "
+                         f"got {tuple(mu_G.shape)}.")
+    if not bool(torch.isfinite(mu_G).all()):
+        raise ValueError("global_mean contains NaN or Inf values.")
+    C = W.shape[0]
+    placeholder = torch.zeros(C, p, dtype=torch.float64, device=features.device) + mu_G
+    # the placeholder means carry no spread to scale by: take the features' own magnitude
+    top = max(float(features.abs().max()) if features.numel() else 0.0, float(mu_G.abs().max()))
+    acc = SampleAccumulator(placeholder, mu_G, W, None, keep_margins=True, scale=_power_of_two_scale(top))
     acc.update(features, labels)
     return acc.per_sample_margins()
 
@@ -431,19 +540,19 @@ def cosine_margins(features: Tensor, labels: Tensor, W: Tensor, global_mean: Ten
 SCATTER_BLOCKS = 4
 
 
-def _add_scatter(target: Tensor, D: Tensor) -> None:
-    """target += D^T D (float64) on and above the diagonal blocks only: block row i gets D_i^T D[:, i:].
+def _add_scatter(target: Tensor, D: Tensor, weight: float = 1.0) -> None:
+    """target += weight * D^T D (float64) on and above the diagonal blocks only: block row i gets D_i^T D[:, i:].
 
     A symmetric rank-k update by hand: with 4 column blocks it does 10/16 of the full product's work (the
     blocks below the diagonal mirror those above). Only ``torch.triu(target)`` is meaningful; read the
     full matrix through :attr:`CollapseAccumulator.scatter`."""
     p = D.shape[1]
     if p < 128:
-        target += (D.T @ D).to(target.dtype)
+        target.add_((D.T @ D).to(target.dtype), alpha=weight)
         return
     step = -(-p // SCATTER_BLOCKS)
     for i in range(0, p, step):
-        target[i:i + step, i:] += (D[:, i:i + step].T @ D[:, i:]).to(target.dtype)
+        target[i:i + step, i:].add_((D[:, i:i + step].T @ D[:, i:]).to(target.dtype), alpha=weight)
 
 
 class CollapseAccumulator:
@@ -455,6 +564,9 @@ class CollapseAccumulator:
     N Sigma_W = A - sum_c d_c d_c^T / n_c, well conditioned because the shift lies within the class's spread.
     :meth:`result` projects it on the (C-1)-dim between-class subspace:
     Tr(Sigma_W Sigma_B^+)/C = (1/N) Tr(G^+ Mdot (N Sigma_W) Mdot^T G^+), G = Mdot Mdot^T (C x C).
+    The state is kept in the features' units; a batch's products are taken on (h - k_y)/s, s a power of
+    two that brings the shifts to magnitude ~1 when they lie outside [2^-20, 2^20], and added back times
+    s and s^2 (exact; module doc, "Numeric range"). Numpy arrays are accepted as tensors.
     """
 
     def __init__(self, num_classes: int, *, mean_convention: str = "class_means") -> None:
@@ -474,9 +586,10 @@ class CollapseAccumulator:
         self.counts = torch.zeros(C, dtype=torch.long, device=device)
         self.seen = torch.zeros(C, dtype=torch.bool, device=device)
         self._shift_cast = self.shift
+        self._scale = 1.0  # the power of two the batches' products are taken over (class doc)
 
     def update(self, features: Tensor, labels: Tensor) -> None:
-        features = _check_features(features.detach())
+        features = _check_features(features)
         if self.p is None:
             self._init(features.shape[1], features.device)
         elif features.shape[1] != self.p:
@@ -491,14 +604,20 @@ class CollapseAccumulator:
             self.shift[new] = features[first[new]].to(torch.float64)
             self.seen |= new
             self._shift_cast = self.shift.to(features.dtype)
+            self._scale = _power_of_two_scale(float(self.shift[self.seen].abs().max()))
         # one pass: deviations from a sample of the same class are small, so the features' dtype holds them
         # accurately; their sums and their scatter are accumulated in float64
         D = features - self._shift_cast[y]
+        s = self._scale
+        if s != 1.0:
+            D.mul_(1.0 / s)  # exact: a power of two
         self.counts += batch_counts
-        _add_class_sums(self.shifted_sums, y, D)
-        if not bool(torch.isfinite(self.shifted_sums).all()):
+        _add_class_sums(self.shifted_sums, y, D, s)
+        _add_scatter(self._scatter, D, s * s)
+        # NaN or Inf features reach the sums; an overflow of the squares reaches the scatter's diagonal first
+        if not bool(torch.isfinite(self.shifted_sums).all() & torch.isfinite(torch.diagonal(self._scatter)).all()):
             _raise_if_not_finite(features)
-        _add_scatter(self._scatter, D)
+            raise _range_error(features, float(self.shift[self.seen].abs().max()), "first samples of the classes")
 
     @property
     def scatter(self) -> Tensor | None:
@@ -536,19 +655,27 @@ class CollapseAccumulator:
     def result(self, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:
         """Within-class variability and every means/classifier measurement (no per-sample pass)."""
         means, mu_G = self.means, self.global_mean
+        scale = _power_of_two_scale(_check_centred_means(means, mu_G))
         W, b = _check_classifier(W, b, self.num_classes, self.p)
         gram = centred_means_gram(means, mu_G)
         out = geometry(means, mu_G, W, b, means_gram=gram)
-        Mdot = means - mu_G
-        Gp = between_class_gram_pinv(Mdot, gram)
+        # on Mdot/scale: Tr(G^+ Mdot X Mdot^T G^+) scales as scale^-2 (exact, a power of two)
+        Mdot = means - mu_G if scale == 1.0 else (means - mu_G) / scale
+        Gp = between_class_gram_pinv(Mdot, gram if scale == 1.0 else gram / scale ** 2)
         proj = self.within_class_scatter_projected(Mdot)  # Mdot (N Sigma_W) Mdot^T, C x C
-        out["within_class_variability"] = float(torch.trace(Gp @ proj @ Gp)) / self.n
+        nc1 = float(torch.trace(Gp @ proj @ Gp)) / scale ** 2 / self.n
+        if not math.isfinite(nc1):
+            raise ValueError(f"the within-class scatter of features of magnitude ~{float(means.abs().max()):.3g} "
+                             "overflows float64; rescale the features.")
+        out["within_class_variability"] = nc1
         return out
 
     def sample_pass(self, W: Tensor | None = None, b: Tensor | None = None, *,
                     keep_margins: bool = False) -> SampleAccumulator:
         """A second pass against the final means: NCC mismatch, accuracy and cosine margins."""
-        return SampleAccumulator(self.means, self.global_mean, W, b, keep_margins=keep_margins)
+        means, mu_G = self.means, self.global_mean
+        _check_centred_means(means, mu_G)
+        return SampleAccumulator(means, mu_G, W, b, keep_margins=keep_margins)
 
 
 def measure_batches(batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, W: Tensor | None = None,

@@ -5,7 +5,7 @@ Every model is a :class:`Classifier`: ``model.body`` maps an input to the penult
 (default :class:`~nc_lib.heads.LinearHead`; fixed or implicit ETF heads drop in), ``model(x)`` gives
 logits and ``model.features(x)`` gives h. ``model.feature_dim`` is d. Named heads (``head=``):
 ``linear``, ``linear_nobias``, ``fixed_etf`` (learned bias), ``fixed_etf_nobias``, ``fixed_etf_centre``,
-``cosine``, ``implicit_etf`` and ``implicit_etf_nograd`` (Markou 2024, from :mod:`nc_lib.nearest_etf`); more
+``cosine``, ``implicit_etf`` and ``implicit_etf_nograd`` (Markou 2024); more
 via :func:`register_head`.
 
 Architectures (Papyan, Han & Donoho 2020; Zhu et al. 2021; REFERENCE.md section 3):
@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .heads import FixedETFHead, Head, LinearHead
+from .heads import CosineHead, FixedETFHead, Head, ImplicitETFHead, LinearHead
 from .validation import check_choice, check_int, check_positive
 
 HeadSpec = Any  # None | str | Head | Callable[[int, int], Head]
@@ -49,30 +49,11 @@ HEADS: dict[str, Callable[[int, int], Head]] = {
     "fixed_etf": lambda d, C: FixedETFHead(d, C, bias="learned"),
     "fixed_etf_nobias": lambda d, C: FixedETFHead(d, C, bias="none"),
     "fixed_etf_centre": lambda d, C: FixedETFHead(d, C, bias="centre"),
+    "cosine": lambda d, C: CosineHead(d, C),  # Markou's "standard" (normalised) classifier
+    "implicit_etf": lambda d, C: ImplicitETFHead(d, C),  # Markou's implicit ETF classifier
+    # the paper's ablation: no gradient through the node
+    "implicit_etf_nograd": lambda d, C: ImplicitETFHead(d, C, backprop_through_node=False),
 }
-
-
-def _cosine_head(d: int, C: int) -> Head:
-    from .nearest_etf import CosineHead  # Markou's "standard" (normalised) classifier
-
-    return CosineHead(d, C)
-
-
-def _implicit_etf_head(d: int, C: int) -> Head:
-    from .nearest_etf import ImplicitETFHead  # Markou's implicit ETF classifier
-
-    return ImplicitETFHead(d, C)
-
-
-def _implicit_etf_nograd_head(d: int, C: int) -> Head:
-    from .nearest_etf import ImplicitETFHead  # the paper's ablation: no gradient through the node
-
-    return ImplicitETFHead(d, C, backprop_through_node=False)
-
-
-HEADS["cosine"] = _cosine_head
-HEADS["implicit_etf"] = _implicit_etf_head
-HEADS["implicit_etf_nograd"] = _implicit_etf_nograd_head
 
 
 def register_head(name: str, factory: Callable[[int, int], Head]) -> None:

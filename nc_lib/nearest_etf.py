@@ -1,4 +1,4 @@
-"""The nearest simplex ETF as a differentiable layer (Markou, Ajanthan & Gould 2024).
+"""The nearest simplex ETF as a differentiable node (Markou, Ajanthan & Gould 2024): tracker, solvers, backward.
 
 REFERENCE.md section 4 works out the maths; this module follows it.
 
@@ -32,9 +32,9 @@ Pieces
   breaks at collapse (repeated singular values); s_i + s_j stays positive.
 * :func:`nearest_etf`, :func:`nearest_etf_distance`, :func:`etf_distance_between` -- Markou's
   "ETF distances" for the metrics (delta = 0: U* is then not unique, but U* Mt and the distance are).
-* Heads: :class:`CosineHead` (Markou's "standard" classifier with normalisation) and
-  :class:`ImplicitETFHead` (Markou's implicit ETF classifier); :class:`StratifiedBatchSampler`
-  (every class in every batch, as the inner problem wants every class mean).
+* The heads built on the node live in :mod:`nc_lib.heads` (:class:`~nc_lib.heads.ImplicitETFHead`,
+  :class:`~nc_lib.heads.CosineHead`); the sampler that puts every class in every batch, as the inner
+  problem wants every class mean, in :mod:`nc_lib.data` (:class:`~nc_lib.data.StratifiedBatchSampler`).
 
 Dimension. U (d x C) needs C orthonormal columns, so every function here raises a ValueError when
 d < C (for d = C-1 a simplex ETF exists, but not in this parametrisation: use
@@ -56,14 +56,13 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .heads import Head
+from .deprecation import moved_names
 from .validation import check_choice, check_int, check_nonnegative, check_positive
 
 SOLVERS = ("closed", "riemannian")
@@ -74,7 +73,8 @@ MIN_RATE = 1e-4
 
 
 # --------------------------------------------------------------------------- small helpers
-def _check_dims(d: int, C: int, what: str = "the nearest simplex ETF") -> None:
+def check_dims(d: int, C: int, what: str = "the nearest simplex ETF") -> None:
+    """ValueError unless C >= 2 and d >= C (U, d x C, needs C orthonormal columns); ``what`` names the caller."""
     if C < 2:
         raise ValueError(f"{what} needs num_classes C >= 2; got C={C}.")
     if d < C:
@@ -89,7 +89,7 @@ def _check_dC(name: str, X: Tensor) -> tuple[int, int]:
         shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"{name} must be a 2-D (d x C) tensor; got {shape}.")
     d, C = X.shape
-    _check_dims(d, C)
+    check_dims(d, C)
     return d, C
 
 
@@ -229,7 +229,7 @@ def polar_factor(Z: Tensor, method: str = "gram") -> tuple[Tensor, Tensor, Tenso
     back to the SVD, whose U is then one of the minimisers (any completion of the null directions)."""
     check_choice("method", method, ("svd", "gram"))
     d, C = Z.shape
-    _check_dims(d, C)
+    check_dims(d, C)
     if method == "gram":
         out = _polar_gram(Z.to(torch.float64))
         if out is not None:
@@ -282,7 +282,7 @@ def riemannian_polar(Z: Tensor, U0: Tensor | None = None, *, max_iter: int = 30,
     ``max_iter`` outer iterations. Returns ``(U, iterations)``, in Z's dtype.
     """
     d, C = Z.shape
-    _check_dims(d, C)
+    check_dims(d, C)
     max_iter = check_int("max_iter", max_iter, 0)
     if tol is None:
         tol = 1e-12 if Z.dtype == torch.float64 else 1e-6
@@ -697,7 +697,7 @@ def _rows_to_hbar(V: Tensor, name: str) -> Tensor:
     if V.ndim != 2:
         raise ValueError(f"{name} must be a (C x d) matrix; got shape {tuple(V.shape)}.")
     C, d = V.shape
-    _check_dims(d, C, "the nearest simplex ETF of a (C x d) matrix")
+    check_dims(d, C, "the nearest simplex ETF of a (C x d) matrix")
     H = V.detach().to(torch.float64).mT
     n = H.norm()
     if not bool(n > 0):
@@ -830,201 +830,7 @@ class FeatureMeanTracker(nn.Module):
         return self.H / self.H.norm()
 
 
-# --------------------------------------------------------------------------- heads
-class CosineHead(Head):
-    """Markou's "standard" classifier with normalisation: a learned linear layer on tau-normalised
-    features whose rows are renormalised to unit norm after every optimiser step.
-
-        logits = W (tau h/||h||) + b,    after each step  w_c <- w_c/||w_c||.
-
-    The renormalisation is **not** done in forward (that would be weight normalisation, a
-    different gradient): the trainer calls :meth:`renormalise_` after ``optimizer.step()``, as the
-    authors' ``model.normalise_classifier()``; ``renormalise_after_step`` is True to say so.
-    """
-
-    renormalise_after_step = True
-
-    def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, bias: bool = True) -> None:
-        super().__init__()
-        self.feature_dim = check_int("feature_dim", feature_dim, 1)
-        self.num_classes = check_int("num_classes", num_classes, 2)
-        self.tau = check_positive("tau", tau)
-        self.linear = nn.Linear(self.feature_dim, self.num_classes, bias=bias)
-        self.renormalise_()
-
-    @property
-    def weight(self) -> Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.linear.bias
-
-    @torch.no_grad()
-    def renormalise_(self) -> None:
-        """w_c <- w_c/||w_c|| for every row (call after each optimiser step)."""
-        self.linear.weight.copy_(F.normalize(self.linear.weight, dim=1))
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.linear(self.tau * F.normalize(h, dim=1))
-
-    def classifier(self) -> tuple[Tensor, Tensor | None]:
-        b = self.linear.bias
-        return self.linear.weight.detach(), None if b is None else b.detach()
-
-
-class ImplicitETFHead(Head):
-    """Markou's implicit ETF classifier: the classifier is the simplex ETF nearest to the feature means.
-
-    Training mode, per batch (REFERENCE Sec. 4):
-        f = tau h/||h||, mu_G = mean(f);  Hbar from :class:`FeatureMeanTracker` (needs labels);
-        U* = nearest_etf_node(Hbar, U_prox, delta)   (first batch: U_prox = polar(Hbar Mt), the
-             paper's first solve without proximal term -- U* then equals it);
-        W = (U* sqrt(C/(C-1)) (I - 11^T/C))^T,  b = -W mu_G,  logits = W f + b;
-        U_prox <- U*.
-    W and b are not parameters (the optimiser never sees them); gradients reach the features via
-    f, mu_G and, with ``backprop_through_node=True``, via Hbar through the node (False: the paper's
-    ablation, U* detached). Eval mode uses the W, b of the last training batch. W, b, U_prox and the
-    tracker are buffers (saved and restored by ``state_dict``).
-
-    Call it as ``head(h, labels)`` in training mode (``needs_labels`` is True); ``head(h)`` in eval.
-    ``solver``: ``"closed"`` (polar factor) or ``"riemannian"`` (trust region, warm start U_prox,
-    at most ``max_iter`` iterations; ``last_iterations`` reports the count). Needs d >= C.
-    """
-
-    needs_labels = True
-
-    def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, delta: float = DEFAULT_DELTA,
-                 solver: str = "closed", backprop_through_node: bool = True, max_iter: int = 30,
-                 polar_method: str = "auto") -> None:
-        super().__init__()
-        self.feature_dim = check_int("feature_dim", feature_dim, 1)
-        self.num_classes = check_int("num_classes", num_classes, 2)
-        _check_dims(self.feature_dim, self.num_classes, "ImplicitETFHead")
-        self.tau = check_positive("tau", tau)
-        self.delta = check_positive("delta", delta)
-        self.solver = check_choice("solver", solver, SOLVERS)
-        self.polar_method = check_choice("polar_method", polar_method, POLAR_METHODS)
-        self.max_iter = check_int("max_iter", max_iter, 1)
-        self.backprop_through_node = bool(backprop_through_node)
-        self.tracker = FeatureMeanTracker(self.feature_dim, self.num_classes, tau=self.tau)
-        d, C = self.feature_dim, self.num_classes
-        self.register_buffer("U_prox", torch.zeros(d, C))
-        self.register_buffer("weight", torch.zeros(C, d))
-        self.register_buffer("bias", torch.zeros(C))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self.last_iterations = 0
-
-    def _first_solve(self, Hbar: Tensor) -> Tensor:
-        """The first solve, without proximal term (REFERENCE Sec. 4; the authors start pymanopt at eye(d, C))."""
-        d, C = Hbar.shape
-        start = torch.eye(d, C, dtype=Hbar.dtype, device=Hbar.device)
-        U0, it = nearest_etf_solve(Hbar.detach(), None, 0.0, solver=self.solver, U_init=start,
-                                   max_iter=max(self.max_iter, 100), polar_method=self.polar_method)
-        return U0
-
-    def forward(self, h: Tensor, labels: Tensor | None = None) -> Tensor:
-        f = self.tracker.normalise(h)
-        if not self.training:
-            return f @ self.weight.to(f.dtype).mT + self.bias.to(f.dtype)
-        if labels is None:
-            raise ValueError("ImplicitETFHead needs the labels in training mode: call head(h, labels) "
-                             "(its feature means are class means); in eval mode call head(h).")
-        Hbar, mu_G = self.tracker.update_normalised(f, labels)
-        if bool(self.initialised):
-            U_prox = self.U_prox.to(Hbar.dtype)
-        else:
-            U_prox = self._first_solve(Hbar)
-        kw = dict(solver=self.solver, U_init=U_prox, max_iter=self.max_iter, polar_method=self.polar_method)
-        if self.backprop_through_node:
-            U, it = nearest_etf_node(Hbar, U_prox, self.delta, **kw)
-        else:
-            U, it = nearest_etf_solve(Hbar.detach(), U_prox, self.delta, **kw)
-        W = etf_classifier(U)
-        b = -(W @ mu_G)
-        with torch.no_grad():
-            self.U_prox.copy_(U.detach())
-            self.weight.copy_(W.detach())
-            self.bias.copy_(b.detach())
-            self.initialised.fill_(True)
-        self.last_iterations = it
-        return f @ W.mT + b
-
-    def classifier(self) -> tuple[Tensor, Tensor | None]:
-        return self.weight.detach(), self.bias.detach()
-
-
-# --------------------------------------------------------------------------- stratified batches
-class StratifiedBatchSampler(torch.utils.data.Sampler):
-    """Batches of indices with every class in every batch (when C <= batch_size), for the implicit
-    ETF head, whose class means need every class (Markou's authors sample class-balanced batches).
-
-    Per epoch (a generator seeded from ``(seed, epoch)``: deterministic per seed), with
-    n_b = ceil(N/batch_size) batches:
-    * C <= batch_size: each class is shuffled; its first n_b samples go one to each batch (a class
-      with fewer than n_b samples is cycled, i.e. oversampled, so that it still reaches every
-      batch); the remaining samples are shuffled and spread evenly over the batches. Batches then
-      hold about N/n_b <= batch_size samples (more only when a class was oversampled). Each sample
-      appears once per epoch otherwise.
-    * C > batch_size: the classes cannot all fit; samples are interleaved (class c's k-th shuffled
-      sample at position (k + u_c)/n_c, u_c uniform) and cut into batches of batch_size, so each
-      batch has distinct classes as far as possible.
-    Iterating advances the epoch; :meth:`set_epoch` sets it. Yields lists of int indices.
-    """
-
-    def __init__(self, labels: Sequence[int] | Tensor, batch_size: int, seed: int = 0) -> None:
-        labels = torch.as_tensor(labels).long().reshape(-1)
-        if labels.numel() == 0:
-            raise ValueError("labels must not be empty.")
-        if int(labels.min()) < 0:
-            raise ValueError(f"labels must be >= 0; got min {int(labels.min())}.")
-        self.labels = labels
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.seed = check_int("seed", seed)
-        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        self.classes, self._cls, self._counts = classes, inverse, counts
-        self.num_batches = math.ceil(labels.numel() / self.batch_size)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int("epoch", epoch, 0)
-
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-
-    def batches(self) -> list[list[int]]:
-        """The batches of the current epoch (without advancing it)."""
-        g = self._generator()
-        N, C, nb = self.labels.numel(), self.classes.numel(), self.num_batches
-        perm = torch.randperm(N, generator=g)
-        cls_perm = self._cls[perm]
-        order = torch.argsort(cls_perm, stable=True)
-        idx = perm[order]  # grouped by class, shuffled within each class
-        cls = cls_perm[order]
-        starts = torch.cumsum(self._counts, 0) - self._counts
-        rank = torch.arange(N) - starts[cls]
-        if C > self.batch_size:
-            u = torch.rand(C, generator=g, dtype=torch.float64)
-            key = (rank.double() + u[cls]) / self._counts[cls].double()
-            flat = idx[torch.argsort(key, stable=True)]
-            return [b.tolist() for b in torch.split(flat, self.batch_size)]
-        slot = torch.arange(nb)
-        reserved = idx[starts[:, None] + slot[None, :] % self._counts[:, None]]  # C x nb, one per class per batch
-        reserved_batch = slot.expand(C, nb)
-        pool = idx[rank >= nb]
-        pool = pool[torch.randperm(pool.numel(), generator=g)]
-        pool_batch = torch.arange(pool.numel()) * nb // max(pool.numel(), 1)
-        all_idx = torch.cat([reserved.reshape(-1), pool])
-        all_batch = torch.cat([reserved_batch.reshape(-1), pool_batch])
-        key = all_batch.double() + torch.rand(all_idx.numel(), generator=g, dtype=torch.float64)
-        o = torch.argsort(key)
-        sizes = torch.bincount(all_batch, minlength=nb).tolist()
-        return [b.tolist() for b in torch.split(all_idx[o], sizes)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        out = self.batches()
-        self.epoch += 1
-        return iter(out)
+# --------------------------------------------------------------------------- moved names (one release)
+#: the heads and the sampler that lived here until 0.1: still importable from here, with a DeprecationWarning
+__getattr__ = moved_names(__name__, {"CosineHead": "nc_lib.heads", "ImplicitETFHead": "nc_lib.heads",
+                                     "StratifiedBatchSampler": "nc_lib.data"})

@@ -9,8 +9,11 @@
 * :func:`plot_metric_curves` -- a subplot per measurement, a curve per label; median and range
   band over seeds when a label holds several runs; optional vertical markers (e.g. TPT onset) and
   horizontal reference lines (e.g. the theorem's optimal objective).
-* :func:`live_metrics_figure` / :func:`update_live_figure` -- a plotly FigureWidget updated while
-  training (used by :func:`nc_lib.ufm.train_ufm` with ``live=True``).
+* :func:`live_metrics_figure` / :func:`update_live_figure` -- a live figure updated while training
+  (used by :func:`nc_lib.ufm.train_ufm` with ``live=True``): a plotly FigureWidget where widgets
+  render, else a plain figure redrawn in place (:mod:`nc_lib.frontend`; :func:`set_widget_mode`).
+* :func:`save_animation` -- an animated figure (``fig.frames``) as a GIF (and an MP4 where an encoder
+  is installed) for slides (:mod:`nc_lib.animation`).
 * :func:`ufm_diagram` -- the unconstrained features model as a picture (Zhu et al. 2021, Fig. 2).
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from . import etf
+from .animation import save_animation  # noqa: F401  (re-exported: plots.save_animation)
+from .frontend import finish_live, redraw_live, set_widget_mode, show_live, widgets_enabled  # noqa: F401
 from .validation import check_int
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
@@ -171,8 +176,11 @@ def plot_metric_curves(histories: Mapping[str, Any], keys: Sequence[str], *, x: 
 
 
 # --------------------------------------------------------------------------- live figure while training
-def live_metrics_figure(keys: Sequence[str], *, x: str = "step", log_y: bool = True) -> go.FigureWidget:
-    """A FigureWidget with one subplot (log y) per key, to be filled by :func:`update_live_figure`."""
+def live_metrics_figure(keys: Sequence[str], *, x: str = "step", log_y: bool = True,
+                        widget: bool | None = None) -> go.FigureWidget | go.Figure:
+    """One subplot (log y) per key, to be filled by :func:`update_live_figure`: a FigureWidget if
+    ``widget`` (None: :func:`nc_lib.frontend.widgets_enabled`), else a plain figure to be shown with
+    :func:`show_live` and redrawn in place."""
     keys = list(keys)
     cols = min(len(keys), 4)
     rows = math.ceil(len(keys) / cols)
@@ -184,17 +192,19 @@ def live_metrics_figure(keys: Sequence[str], *, x: str = "step", log_y: bool = T
             base.update_yaxes(type="log", row=i // cols + 1, col=i % cols + 1)
         base.update_xaxes(title_text=x, row=i // cols + 1, col=i % cols + 1)
     base.update_layout(height=260 * rows + 40, width=min(1250, 300 * cols + 80), margin=dict(t=40, b=40))
-    return go.FigureWidget(base)
+    return go.FigureWidget(base) if (widgets_enabled() if widget is None else widget) else base
 
 
 def update_live_figure(fig: go.FigureWidget | go.Figure, records: Sequence[Mapping[str, float]], keys: Sequence[str],
                        *, x: str = "step") -> None:
-    """Set the curves of a :func:`live_metrics_figure` to ``records`` (one batched redraw)."""
+    """Set the curves of a :func:`live_metrics_figure` to ``records`` (one batched redraw; a plain
+    figure shown with :func:`show_live` is redrawn through its display handle, throttled)."""
     xs = [r[x] for r in records]
     with fig.batch_update():
         for trace, key in zip(fig.data, keys):
             trace.x = xs
             trace.y = [r.get(key) for r in records]
+    redraw_live(fig)
 
 
 # --------------------------------------------------------------------------- the collapse animation

@@ -41,3 +41,19 @@ def check_positive(name: str, value: Any) -> float:
     if value == 0:
         raise ValueError(f"{name} must be > 0, got 0.")
     return value
+
+
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_float_dtype(name: str, value: Any) -> Any:
+    """Return ``value`` as a floating-point ``torch.dtype``: a torch dtype or its name ("float32" or
+    "torch.float32"), else raise a ValueError naming the parameter and the valid choices."""
+    import torch
+
+    if isinstance(value, str) and value.removeprefix("torch.") in FLOAT_DTYPE_NAMES:
+        return getattr(torch, value.removeprefix("torch."))
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise ValueError(f"{name}={value!r} is not a floating-point dtype; choose one of "
+                     f"{[f'torch.{n}' for n in FLOAT_DTYPE_NAMES]} or their names {list(FLOAT_DTYPE_NAMES)}.")

@@ -8,10 +8,18 @@ clear message in the widget instead of a stack trace.
 
 Headless (tests, papermill), ``UFMExplorer().run()`` trains once at the current values and
 returns the figures; :func:`ufm_explorer` builds one, displays it and, by default, runs it once.
+
+Where widgets cannot render (Colab, nbconvert/papermill, a static site, ``NC_WIDGETS=0``; see
+:mod:`nc_lib.frontend`) each explorer prints one line saying so and shows plain figures for its
+current (default) values instead: the UFM explorer its live metrics (redrawn while it trains) and
+its animation, the ETF explorer its figure. :func:`show_controls` does the same for a notebook's own
+controls-plus-figure box.
 """
 from __future__ import annotations
 
 import html
+import re
+from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -19,7 +27,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from . import plots, ufm
+from . import frontend, plots, ufm
 from .etf import simplex_etf
 from .plots import collapse_animation, live_metrics_figure, plot_metric_curves, update_live_figure
 
@@ -63,14 +71,17 @@ class UFMExplorer:
         self.status = W.HTML(value="Choose the settings and press <b>Train</b>.")
         self.animation_output = W.Output()
         self.live = live
-        # the live figure is a child widget of the explorer (not displayed through an Output area)
-        self.live_figure: Any = live_metrics_figure(EXPLORER_KEYS) if live else None
+        self.widget_mode = frontend.widgets_enabled()
+        self._shown_static = False  # displayed where widgets cannot render: figures are shown plainly
+        # the live figure is a child widget of the explorer (not displayed through an Output area);
+        # without widgets it is a plain figure redrawn in place once the explorer is displayed
+        self.live_figure: Any = live_metrics_figure(EXPLORER_KEYS, widget=self.widget_mode) if live else None
         self.button.on_click(self._on_click)
         grid = W.GridBox([self.C, self.d, self.n, self.seed, self.loss, self.optimizer, self.head, self.lr,
                           self.lambda_W, self.lambda_H, self.lambda_b, self.steps, self.measure_every],
                          layout=W.Layout(grid_template_columns="repeat(4, 230px)"))
         children = [grid, W.HBox([self.button, self.status])]
-        if self.live_figure is not None:
+        if self.live_figure is not None and self.widget_mode:
             children.append(self.live_figure)
         self.widget = W.VBox(children + [self.animation_output])
         self.history: ufm.UFMHistory | None = None
@@ -148,11 +159,40 @@ class UFMExplorer:
                   "Press ▶ in the animation below.", "ok")
         if fig is not None:
             update_live_figure(fig, h.records, EXPLORER_KEYS)
+            frontend.finish_live(fig)
+        if self._shown_static:
+            self._show_static_results()
         return self.figures
+
+    def save_animation(self, path: str | Path, **kwargs: Any) -> list[Path]:
+        """The last run's collapse animation as a GIF (and MP4) for slides: :func:`nc_lib.plots.save_animation`."""
+        if "animation" not in self.figures:
+            raise ValueError("the explorer has no animation yet: press Train (or call run()) first.")
+        return plots.save_animation(self.figures["animation"], path, **kwargs)
+
+    def _show_static_results(self) -> None:
+        from IPython.display import display
+
+        print(_text(self.message))
+        if "animation" in self.figures:
+            display(self.figures["animation"])
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
-        display(self.widget)
+        if self.widget_mode:
+            display(self.widget)
+            return
+        print(frontend.static_notice("the explorer's run"))
+        self._shown_static = True
+        if self.live_figure is not None:
+            frontend.show_live(self.live_figure)
+        if self.figures:
+            self._show_static_results()
+
+
+def _text(markup: str) -> str:
+    """The text of a status line's HTML."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
 
 
 def _set_output_figure(output: Any, fig: go.Figure) -> None:
@@ -174,7 +214,7 @@ def ufm_explorer(run: bool = True, display: bool = True, **defaults: Any) -> UFM
     ex = UFMExplorer(**defaults)
     if display:
         from IPython.display import display as show
-        show(ex.widget)
+        show(ex)
     if run:
         ex.run()
     return ex
@@ -221,4 +261,23 @@ class EtfExplorer:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        if frontend.widgets_enabled():
+            display(self.widget)
+            return
+        print(frontend.static_notice("the figure"))
+        print(_text(self.readout.value))
+        display(self.figure())
+
+
+def show_controls(controls: Any, figure: Any) -> None:
+    """Display ipywidgets ``controls`` above a ``figure`` (a FigureWidget they update) where widgets render;
+    elsewhere print one line saying so and show the figure at its current values as a plain figure."""
+    from IPython.display import display
+
+    if frontend.widgets_enabled():
+        import ipywidgets as W
+
+        display(W.VBox([controls, figure]))
+        return
+    print(frontend.static_notice("the figure"))
+    display(frontend.plain_figure(figure))

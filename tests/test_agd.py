@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from nc_lib.agd import AGD, agd_eta, agd_parameters, reset_frozen_parameters, singular_value
-from nc_lib.train import TrainConfig, train
+from nc_lib.config import TrainConfig
+from nc_lib.train import train
 
 torch.set_num_threads(1)
 

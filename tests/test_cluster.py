@@ -17,7 +17,8 @@ pytest.importorskip("submitit")
 
 from nc_lib import cluster  # noqa: E402
 from nc_lib.cluster import RunJob, RunLock, dry_run, grid_status, make_executor, submit_grid  # noqa: E402
-from nc_lib.train import TrainConfig, is_finished, load_run, run_dir  # noqa: E402
+from nc_lib.config import TrainConfig  # noqa: E402
+from nc_lib.runs import is_finished, load_run, run_dir  # noqa: E402
 
 MLP = {"hidden": 32, "depth": 2}
 

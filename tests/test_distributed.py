@@ -17,7 +17,10 @@ from nc_lib import distributed as D
 from nc_lib.data import load_train_test, make_loader
 from nc_lib.metrics import CollapseAccumulator, measure_collapse
 from nc_lib.models import build_model
-from nc_lib.train import TrainConfig, load_run, measure, train
+from nc_lib.config import TrainConfig
+from nc_lib.features import measure
+from nc_lib.runs import load_run
+from nc_lib.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS_GEOMETRY = ("within_class_variability", "equinorm_means", "equinorm_classifiers", "equiangularity_means",
@@ -236,7 +239,7 @@ def test_one_process_entry_point_trains_a_run(tmp_path, monkeypatch):
 
 
 def test_stratified_global_batches_are_the_engines_and_dealt_by_class():
-    from nc_lib.nearest_etf import StratifiedBatchSampler
+    from nc_lib.data import StratifiedBatchSampler
 
     g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 6, (157,), generator=g)

@@ -54,3 +54,26 @@ def test_checks_on_hand_computed_vectors():
 def test_impossible_etf_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         etf.simplex_etf(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, "int32", "float", "bogus", 3])
+def test_a_non_float_dtype_is_refused(dtype):
+    with pytest.raises(ValueError, match=r"dtype=.* is not a floating-point dtype; choose one of \['torch.float16'"):
+        etf.simplex_etf(4, dtype=dtype)
+
+
+@pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("torch.float64", torch.float64),
+                                        ("bfloat16", torch.bfloat16)])
+def test_a_dtype_may_be_named(name, dtype):
+    E = etf.simplex_etf(4, 6, rotate=True, seed=2, dtype=name)
+    assert E.dtype == dtype
+    assert torch.equal(E, etf.simplex_etf(4, 6, rotate=True, seed=2, dtype=dtype))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(seed=1.5), "seed must be an integer, got 1.5"),
+                                          (dict(seed="0"), "seed must be an integer"),
+                                          (dict(seed=2 ** 64), "seed must be <= "),
+                                          (dict(d=4.0), "d must be an integer")])
+def test_bad_seed_or_dimension_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        etf.simplex_etf(3, rotate=True, **kwargs)

@@ -74,3 +74,159 @@ def test_gallery_lists_saved_figures(figures_tmp):
 def test_cli_reports_bad_scale(capsys):
     assert figures.main(["--scale", "huge"]) == 2
     assert "SCALE='huge' is not valid" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- atomic writes (issue 13)
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+_REAL_WRITE_BYTES = pathlib.Path.write_bytes
+
+
+class _Disk:
+    """Every file write of the process, recorded; ``fail_in = k`` lets k more writes through and makes the next
+    one stop halfway with an OSError, as a full disk or a killed process would."""
+
+    def __init__(self, monkeypatch):
+        self.whole: dict[str, set[bytes]] = defaultdict(set)  # file name -> every complete content written
+        self.fail_in: int | None = None
+        self.fired = False
+        monkeypatch.setattr(pathlib.Path, "write_bytes", lambda path, data: self.write_bytes(path, data))
+        monkeypatch.setattr(pathlib.Path, "write_text", lambda path, text, encoding=None, errors=None, newline=None:
+                            self.write_bytes(path, text.encode(encoding or "utf-8")))
+
+    def write_bytes(self, path, data):
+        if self.fail_in == 0:
+            self.fail_in, self.fired = None, True
+            _REAL_WRITE_BYTES(path, bytes(data[: len(data) // 2]))
+            raise OSError(f"injected fault while writing {path.name}")
+        if self.fail_in is not None:
+            self.fail_in -= 1
+        self.whole[path.name.split(".tmp")[0]].add(bytes(data))
+        return _REAL_WRITE_BYTES(path, data)
+
+    def assert_whole(self, folder):
+        """No temporary left, every file byte-equal to one complete write of it, every listed file present."""
+        for f in folder.iterdir():
+            assert ".tmp" not in f.name, f"temporary left behind: {f.name}"
+            assert f.read_bytes() in self.whole[f.name], f"{f.name} is not a complete write"
+        manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+        for record in manifest.values():
+            for name in record["files"]:
+                assert (folder / name).stat().st_size > 0, name
+
+
+def _fake_png(monkeypatch):
+    """PNG export without a browser: kaleido's rendering returns bytes that name the figure's title."""
+    import plotly.io._kaleido as kaleido_io
+
+    monkeypatch.setattr(figures, "chromium_path", lambda: "/usr/bin/chromium")
+    monkeypatch.setattr(figures, "_KALEIDO_SERVER", True)
+    monkeypatch.setattr(kaleido_io, "to_image", lambda fig, **kw: b"\x89PNG " + fig.layout.title.text.encode())
+
+
+def _save_all(folder, version):
+    figures.save_figure(go.Figure(go.Bar(y=[1, version]), layout={"title": f"version {version}"}), "zhu2021_fig1",
+                        scale="quick", out_dir=folder)
+    figures.save_table([{"version": version, "value": 0.5 * version}], "zhu2021_table1", scale="quick", out_dir=folder)
+    figures.write_gallery(folder)
+
+
+@pytest.mark.parametrize("start", ["empty folder", "previous version saved"])
+def test_a_write_failing_at_any_point_leaves_every_file_whole(tmp_path, monkeypatch, start):
+    _fake_png(monkeypatch)
+    disk = _Disk(monkeypatch)
+    for k in range(40):
+        folder = tmp_path / f"fault{k}"
+        if start == "previous version saved":
+            _save_all(folder, 1)
+        disk.fail_in, disk.fired = k, False
+        try:
+            _save_all(folder, 2)
+        except OSError:
+            assert disk.fired
+        disk.fail_in = None
+        if folder.exists():
+            disk.assert_whole(folder)
+        if not disk.fired:  # every write of the run got through: all write points were tried
+            assert k > 5
+            break
+    else:
+        raise AssertionError("more writes than expected")
+
+
+def test_an_incomplete_plotlyjs_is_replaced(figures_tmp):
+    from plotly.offline import get_plotlyjs
+
+    figures_tmp.mkdir(parents=True)
+    (figures_tmp / "plotly.min.js").write_text("/* cut short")
+    figures.save_figure(go.Figure(go.Bar(y=[1, 2])), "zhu2021_fig1", scale="quick")
+    assert (figures_tmp / "plotly.min.js").read_bytes() == get_plotlyjs().encode()
+
+
+_KILLED_WRITER = r'''
+import os, pathlib, signal, sys
+import plotly.graph_objects as go
+from nc_lib import figures
+
+figures.chromium_path = lambda: None  # HTML only
+out = pathlib.Path(sys.argv[1])
+small = go.Figure(go.Scatter(x=[0, 1], y=[0, 1]), frames=[go.Frame(data=[go.Scatter(x=[0, 1], y=[1, 0])])],
+                  layout={"title": "small animation"})
+figures.save_figure(small, "papyan2020_fig1", scale="quick", out_dir=out)
+real = pathlib.Path.write_bytes
+
+def killed_halfway(path, data):
+    real(path, data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pathlib.Path.write_bytes = killed_halfway
+pathlib.Path.write_text = lambda path, text, *a, **k: killed_halfway(path, text.encode())
+frames = [go.Frame(data=[go.Scatter(x=list(range(2000)), y=[k * i for i in range(2000)])]) for k in range(50)]
+large = go.Figure(frames[0].data, frames=frames, layout={"title": "large animation"})
+figures.save_figure(large, "papyan2020_fig1", scale="quick", out_dir=out)
+'''
+
+
+def test_a_writer_killed_halfway_leaves_the_previous_figure(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(figures.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    html_text = (tmp_path / "papyan2020_fig1.html").read_text()
+    assert "small animation" in html_text and html_text.rstrip().endswith("</html>")
+    for name in figures.read_manifest(tmp_path)["papyan2020_fig1"]["files"]:
+        assert (tmp_path / name).stat().st_size > 0
+    assert list(tmp_path.glob("*.tmp*"))  # the killed writer's temporary ...
+    figures.write_gallery(tmp_path)
+    assert not list(tmp_path.glob("*.tmp*"))  # ... is removed by the next gallery run
+
+
+def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
+    import nbformat
+    import papermill
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("run = 0\nout = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json, pathlib\n"
+        "if run == 2:\n"
+        "    cells = json.loads(pathlib.Path(out).read_text())['cells']\n"
+        "    previous = 'run = %d' % (run - 1)  # the parameters papermill injected into the previous run\n"
+        "    assert any(previous in ''.join(c['source']) for c in cells), 'previous output replaced mid-run'\n"
+        "    raise RuntimeError('deliberate failure')\n")]
+    source = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, source)
+    build, out = tmp_path / "build", tmp_path / "build" / "tiny.ipynb"
+    figures.run_notebook(source, "quick", build, extra={"run": 1, "out": str(out)}, timeout=120)
+    with pytest.raises(papermill.PapermillExecutionError) as failed:
+        figures.run_notebook(source, "quick", build, extra={"run": 2, "out": str(out)}, timeout=120)
+    assert (failed.value.ename, failed.value.evalue) == ("RuntimeError", "deliberate failure")
+    assert "deliberate failure" in out.read_text()  # a failed run's notebook shows its error
+    assert [p.name for p in build.iterdir()] == ["tiny.ipynb"]

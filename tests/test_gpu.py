@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nc_lib import metrics
-from nc_lib.nearest_etf import ImplicitETFHead, kkt_backward_dense, nearest_etf_node
+from nc_lib.heads import ImplicitETFHead
+from nc_lib.nearest_etf import kkt_backward_dense, nearest_etf_node
 from nc_lib.ufm import train_ufm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -100,7 +101,8 @@ def test_markou_ufm_run_on_cuda():
 
 @pytest.mark.parametrize("amp,optimizer", [(False, "sgd"), (True, "sgd"), (False, "agd")])
 def test_training_engine_on_cuda(amp, optimizer):
-    from nc_lib.train import TrainConfig, train
+    from nc_lib.config import TrainConfig
+    from nc_lib.train import train
 
     extra = dict(weight_decay=0.0, schedule="none", stratified_batches=True) if optimizer == "agd" else {}
     cfg = TrainConfig(dataset="fake", model="resnet18", width=0.25, epochs=2, lr=0.01, batch_size=20,

@@ -76,8 +76,7 @@ def test_bad_inputs_raise():
 
 
 def test_heads_per_method():
-    from nc_lib.heads import LinearHead
-    from nc_lib.nearest_etf import CosineHead, ImplicitETFHead
+    from nc_lib.heads import CosineHead, ImplicitETFHead, LinearHead
     assert isinstance(mk.make_head("standard", 8, 4), CosineHead)
     assert isinstance(mk.make_head("standard_nonorm", 8, 4), LinearHead)
     assert mk.make_head("implicit_etf_nograd", 8, 4).backprop_through_node is False

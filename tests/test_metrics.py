@@ -1,4 +1,6 @@
 """The collapse measurements against closed forms, hand-computed cases and naive references."""
+import math
+
 import pytest
 import torch
 
@@ -212,3 +214,133 @@ def test_nearest_etf_distances():
     d2 = metrics.nearest_etf_distances(W @ Q, Mdot @ Q, squared=True)
     for k in d:
         assert d2[k] == pytest.approx(d[k], abs=1e-10)
+
+
+# --------------------------------------------------------------------------- numeric edges (issue 13)
+def float32_problem(C=4, p=16, n=50, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(C).repeat(n)
+    H = (3 * torch.randn(C, p, generator=g))[y] + torch.randn(len(y), p, generator=g)
+    H_test = H[torch.randperm(len(y), generator=g)] + 0.5 * torch.randn(len(y), p, generator=g)
+    W = torch.randn(C, p, generator=g, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    return H, y, H_test, W, b
+
+
+def streamed(H, y, H_test, y_test, C, W, b, batch=37):
+    acc = metrics.CollapseAccumulator(C)
+    for s in range(0, len(y), batch):
+        acc.update(H[s:s + batch], y[s:s + batch])
+    out = acc.result(W, b)
+    train_pass, test_pass = acc.sample_pass(W, b), acc.sample_pass(W, b)
+    train_pass.update(H, y)
+    test_pass.update(H_test, y_test)
+    out.update(train_pass.result())
+    out.update(test_pass.result("_test"))
+    return out
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-25, 2.0 ** 64, 2.0 ** -84, 1e36, 1e-36])
+def test_float32_features_of_extreme_magnitude_measure_as_at_magnitude_one(scale):
+    # every measurement is invariant under h -> a h (b -> a b), except NC4 which scales by a
+    H, y, H_test, W, b = float32_problem()
+    C = 4
+    ref = metrics.measure_collapse(H, y, C, W, b, H_test, y)
+    Hs, Hs_test = H * scale, H_test * scale  # float32: rounded to 24 bits unless scale is a power of two
+    assert torch.isfinite(Hs).all() and (Hs != 0).all()
+    for name, got in (("in memory", metrics.measure_collapse(Hs, y, C, W, b * scale, Hs_test, y)),
+                      ("streaming", streamed(Hs, y, Hs_test, y, C, W, b * scale))):
+        for key, value in ref.items():
+            expected = value * scale if key == "bias_offset_norm" else value
+            assert got[key] == pytest.approx(expected, rel=1e-4, abs=1e-6), (name, key)
+    assert metrics.within_class_variability(Hs, y, C) == pytest.approx(ref["within_class_variability"], rel=1e-4)
+    mu_G = metrics.class_means(H, y, C)[0].mean(0)
+    assert torch.allclose(metrics.cosine_margins(Hs, y, W, mu_G * scale), metrics.cosine_margins(H, y, W, mu_G),
+                          rtol=1e-4, atol=1e-5)
+
+
+def test_features_beyond_what_float32_can_multiply_are_refused():
+    H, y, H_test, W, b = float32_problem()
+    acc = metrics.CollapseAccumulator(4)
+    acc.update(H[:100], y[:100])
+    with pytest.raises(ValueError, match=r"too wide a range for torch.float32 .* pass them as float64"):
+        acc.update(H[100:] * 1e20, y[100:])  # 1e20 times the first samples: the squares overflow float32
+    acc = metrics.CollapseAccumulator(4)
+    acc.update(H, y)
+    test_pass = acc.sample_pass(W, b)
+    with pytest.raises(ValueError, match=r"too wide a range for torch.float32"):
+        test_pass.update(H_test * 1e20, y)  # test features 1e20 times the training means
+    # the same in float64 is measured
+    acc = metrics.CollapseAccumulator(4)
+    acc.update(H[:100].double(), y[:100])
+    acc.update(H[100:].double() * 1e20, y[100:])
+    assert math.isfinite(acc.result()["within_class_variability"])
+
+
+@pytest.mark.parametrize("features", [torch.zeros(200, 16), torch.full((200, 16), 0.1, dtype=torch.float64),
+                                      torch.full((200, 16), -3e30)])
+def test_zero_or_identical_features_are_refused(features):
+    y = torch.arange(4).repeat(50)
+    match = "all class means are equal"
+    with pytest.raises(ValueError, match=match):
+        metrics.measure_collapse(features, y, 4)
+    with pytest.raises(ValueError, match=match):
+        metrics.within_class_variability(features, y, 4)
+    acc = metrics.CollapseAccumulator(4)
+    for s in range(0, 200, 64):
+        acc.update(features[s:s + 64], y[s:s + 64])
+    with pytest.raises(ValueError, match=match):
+        acc.result()
+    with pytest.raises(ValueError, match=match):
+        acc.sample_pass()
+
+
+def test_nan_or_inf_in_the_classifier_is_refused():
+    H, y, W, b = random_problem()
+    acc = metrics.CollapseAccumulator(4)
+    acc.update(H, y)
+    for bad_value in (float("nan"), float("inf")):
+        bad_b = b.clone()
+        bad_b[1] = bad_value
+        bad_W = W.clone()
+        bad_W[2, 3] = bad_value
+        for fn in (lambda W_, b_: metrics.measure_collapse(H, y, 4, W_, b_), acc.result, acc.sample_pass):
+            with pytest.raises(ValueError, match="b contains NaN or Inf"):
+                fn(W, bad_b)
+            with pytest.raises(ValueError, match="W contains NaN or Inf"):
+                fn(bad_W, b)
+
+
+def test_accumulator_takes_numpy_arrays_like_measure_collapse():
+    H, y, W, b = random_problem()
+    acc = metrics.CollapseAccumulator(4)
+    acc.update(H.numpy(), y.numpy())
+    sample_pass = acc.sample_pass(W.numpy(), b.numpy())
+    sample_pass.update(H.numpy(), y.numpy())
+    got = {**acc.result(W.numpy(), b.numpy()), **sample_pass.result()}
+    want = metrics.measure_collapse(H.numpy(), y.numpy(), 4, W.numpy(), b.numpy())
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), key
+
+
+def test_cosine_margins_name_a_wrongly_shaped_argument():
+    H, y, W, b = random_problem()  # p = 9, C = 4
+    mu_G = H.mean(0)
+    with pytest.raises(ValueError, match=r"W must have shape \(num_classes, feature_dim\) = \(C >= 2, 9\).*\(4, 5\)"):
+        metrics.cosine_margins(H, y, W[:, :5], mu_G)
+    with pytest.raises(ValueError, match=r"W must have shape .*\(9,\)"):
+        metrics.cosine_margins(H, y, W[0], mu_G)
+    with pytest.raises(ValueError, match=r"global_mean must have shape \(feature_dim,\) = \(9,\).*\(5,\)"):
+        metrics.cosine_margins(H, y, W, mu_G[:5])
+    with pytest.raises(ValueError, match=r"global_mean must have shape .*\(1, 9\)"):
+        metrics.cosine_margins(H, y, W, mu_G[None])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\)"):
+        metrics.cosine_margins(H, y, W[:3], mu_G)
+
+
+def test_test_labels_and_test_features_come_together():
+    H, y, W, b = random_problem()
+    with pytest.raises(ValueError, match="test_labels were given without test_features"):
+        metrics.measure_collapse(H, y, 4, W, b, test_labels=y)
+    with pytest.raises(ValueError, match="test_features were given without test_labels"):
+        metrics.measure_collapse(H, y, 4, W, b, test_features=H)

@@ -105,7 +105,7 @@ def test_heads_plug_in():
     assert m2.head.bias is None
     register_head("test_nobias", lambda d, C: LinearHead(d, C, bias=False))
     assert _tiny("mlp", head="test_nobias").head.bias is None
-    from nc_lib.nearest_etf import ImplicitETFHead
+    from nc_lib.heads import ImplicitETFHead
     nograd = _tiny("mlp", head="implicit_etf_nograd").head  # Markou's ablation, by name without importing the paper
     assert isinstance(nograd, ImplicitETFHead) and not nograd.backprop_through_node
     with pytest.raises(ValueError, match="fixed_etf"):

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 import nc_lib.nearest_etf as ne_module
-from nc_lib.heads import Head
+from nc_lib.data import StratifiedBatchSampler
+from nc_lib.heads import CosineHead, Head, ImplicitETFHead
 from nc_lib.nearest_etf import (
-    CosineHead,
     FeatureMeanTracker,
-    ImplicitETFHead,
-    StratifiedBatchSampler,
     _procrustes_target,
     apply_mt,
     etf_classifier,
@@ -446,3 +444,18 @@ def test_benchmark_script_quick(tmp_path, monkeypatch, capsys):
         assert r["closed_fb_s"] > 0 and r["svd_s"] > 0 and r["reference_skipped"] is None
         assert r["reference_fb_s"] > 0
     assert "x SVD" in capsys.readouterr().out
+
+
+def test_heads_and_sampler_moved_out_still_import_with_a_deprecation_warning():
+    import nc_lib.data
+    import nc_lib.heads
+
+    for name, home in (("ImplicitETFHead", nc_lib.heads), ("CosineHead", nc_lib.heads),
+                       ("StratifiedBatchSampler", nc_lib.data)):
+        with pytest.warns(DeprecationWarning, match=f"{home.__name__}.{name}"):
+            assert getattr(ne_module, name) is getattr(home, name)
+    with pytest.warns(DeprecationWarning):
+        from nc_lib.nearest_etf import ImplicitETFHead as old
+    assert old is ImplicitETFHead
+    with pytest.raises(AttributeError):
+        ne_module.no_such_name

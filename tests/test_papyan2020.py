@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from nc_lib.papers import papyan2020 as P
-from nc_lib.train import PAPYAN_EPOCHS, PAPYAN_LRS, RunResult, papyan_measure_epochs, train
+from nc_lib.config import PAPYAN_EPOCHS, PAPYAN_LRS, papyan_measure_epochs
+from nc_lib.runs import RunResult, run_dir
+from nc_lib.train import train
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -104,7 +106,7 @@ def _fake_results(tmp_path=None):
     onsets = {"mlp": 3, "vgg11": 5, "resnet18": 4, "densenet40": 99}
     out = {}
     for i, ((ds, net), c) in enumerate(cfgs.items()):
-        path = (tmp_path / f"{ds}-{net}") if tmp_path is not None else P.run_dir(c)
+        path = (tmp_path / f"{ds}-{net}") if tmp_path is not None else run_dir(c)
         if tmp_path is not None:
             path.mkdir()
             (path / P.ROBUSTNESS_FILE).write_text("".join(

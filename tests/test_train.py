@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from nc_lib import train as T
+from nc_lib.config import (PAPYAN_EPOCHS, PAPYAN_LRS, TrainConfig, papyan_measure_epochs, papyan_preset,
+                           resolve_device)
 from nc_lib.data import load_train_test
 from nc_lib.metrics import measure_collapse
-from nc_lib.train import (PAPYAN_EPOCHS, PAPYAN_LRS, TrainConfig, load_run, lr_sweep, papyan_measure_epochs,
-                          papyan_preset, resolve_device, run_dir, run_history, train)
+from nc_lib.runs import load_run, run_dir, run_history
+from nc_lib.train import lr_sweep, train
 
 torch.set_num_threads(1)
 
@@ -57,7 +59,7 @@ def test_finished_run_is_loaded_not_retrained(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a finished run must not be rebuilt")
 
-    monkeypatch.setattr(T, "_build", fail)
+    monkeypatch.setattr(T, "build_run_model", fail)
     again = train(cfg, progress=False)
     assert again.finished and again.history == first.history
     assert (first.path / "metrics.jsonl").stat().st_mtime_ns == mtime
@@ -221,7 +223,7 @@ def test_paper_scale_architecture_one_epoch_on_fakedata(name, shape, kw):
 def test_hashes_of_existing_configurations_are_unchanged():
     """New fields (stratified_batches, agd_gain) leave the hash of configurations written before them alone."""
     assert TrainConfig().config_hash() == "9b8916fe6105"
-    assert T.papyan_preset("cifar10", "resnet18", epochs=350).config_hash() == "6ffc06c5be9a"
+    assert papyan_preset("cifar10", "resnet18", epochs=350).config_hash() == "6ffc06c5be9a"
     assert "stratified_batches" in TrainConfig().to_dict()  # still written to config.json
     assert TrainConfig(stratified_batches=True).config_hash() != TrainConfig().config_hash()
     old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("stratified_batches", "agd_gain")}
@@ -298,3 +300,17 @@ def test_stratified_loader_inputs():
         make_loader(tr, 50, stratified=True, drop_last=True)
     with pytest.raises(ValueError, match="stratified_batches"):
         TrainConfig(stratified_batches="yes")
+
+
+def test_names_moved_out_of_train_still_import_with_a_deprecation_warning():
+    from nc_lib import features, runs
+
+    with pytest.warns(DeprecationWarning, match="nc_lib.features.measure"):
+        from nc_lib.train import measure
+    assert measure is features.measure
+    with pytest.warns(DeprecationWarning, match="nc_lib.config.papyan_preset"):
+        assert T.papyan_preset is papyan_preset
+    with pytest.warns(DeprecationWarning, match="nc_lib.runs.run_history"):
+        assert T.run_history is runs.run_history
+    with pytest.raises(AttributeError):
+        T.no_such_name

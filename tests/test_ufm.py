@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from nc_lib import ufm
+from nc_lib import ufm, ufm_theory
 from nc_lib.etf import gram_distance_to_etf
 from nc_lib.heads import Head, LinearHead
-from nc_lib.ufm import (UFMConfig, UFMHistory, UFMObjective, lanczos_smallest, origin_saddle, planar_angles,
-                        power_iteration_smallest, start_ufm, theorem_objective_1d, theorem_rho_closed_form, train_ufm,
-                        ufm_global_minimum, ufm_objective, ufm_optimal_objective)
+from nc_lib.ufm import UFMConfig, UFMHistory, start_ufm, train_ufm, ufm_objective
+from nc_lib.ufm_theory import (UFMObjective, lanczos_smallest, origin_saddle, planar_angles, power_iteration_smallest,
+                               theorem_objective_1d, theorem_rho_closed_form, ufm_global_minimum, ufm_optimal_objective)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -187,7 +187,7 @@ def test_mse_and_adam_decrease_objective():
 # --------------------------------------------------------------------------- the theorem
 @pytest.mark.parametrize("C, n, lw, lh", [(3, 10, 1e-2, 1e-2), (10, 100, 5e-4, 5e-4), (6, 5, 1e-3, 5e-3), (100, 3, 1e-4, 2e-4)])
 def test_numeric_rho_matches_closed_form(C, n, lw, lh):
-    rho = ufm._solve_rho(C, n, lw, lh)
+    rho = ufm_theory._solve_rho(C, n, lw, lh)
     assert rho == pytest.approx(theorem_rho_closed_form(C, n, lw, lh), rel=1e-13)
     # the 1-D function really is minimised there
     g = theorem_objective_1d(rho, C, n, lw, lh)
@@ -279,6 +279,8 @@ def test_origin_is_strict_saddle_and_lanczos_finds_it():
     still = start_ufm(cfg, W=W * 0, H=H * 0, b=b * 0)
     train_ufm(None, steps=50, measure_every=50, history=still, progress=False)
     assert still.last["objective"] == pytest.approx(math.log(4), rel=1e-12)
+    # at the origin there are no class means to measure collapse against: undefined (NaN), never a number
+    assert math.isnan(still.last["within_class_variability"]) and math.isnan(still.last["classifier_etf_distance"])
 
 
 def test_origin_is_minimum_when_regularisation_dominates():
@@ -300,7 +302,7 @@ def test_markou_heads_plug_into_the_ufm_unchanged():
     """The implicit ETF head (reads labels while training) and the cosine head (rows renormalised after
     each step) train in the ordinary UFM trainer, and the implicit head's classifier is an ETF."""
     from nc_lib.etf import gram_distance_to_etf
-    from nc_lib.nearest_etf import CosineHead, ImplicitETFHead
+    from nc_lib.heads import CosineHead, ImplicitETFHead
 
     cfg = dict(num_classes=4, n_per_class=8, feature_dim=8, seed=0)
     h = train_ufm(UFMConfig(**cfg, optimizer="gd", lr=0.5, head=lambda d, C: ImplicitETFHead(d, C)), 60, 20,
@@ -311,3 +313,11 @@ def test_markou_heads_plug_into_the_ufm_unchanged():
                   progress=False)
     rows = h.model.head.classifier()[0].norm(dim=1)
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+
+
+def test_theory_moved_out_of_ufm_still_imports_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="nc_lib.ufm_theory.ufm_global_minimum"):
+        from nc_lib.ufm import ufm_global_minimum as old
+    assert old is ufm_global_minimum
+    with pytest.raises(AttributeError):
+        ufm.no_such_name

@@ -9,7 +9,8 @@ from nc_lib.etf import equiangularity, equinorm, gram_distance_to_etf
 from nc_lib.metrics import PAPER_NAMES
 from nc_lib.models import build_model, count_parameters
 from nc_lib.papers import zhu2021
-from nc_lib.train import TrainConfig, train
+from nc_lib.config import TrainConfig
+from nc_lib.train import train
 
 
 @pytest.fixture(autouse=True)

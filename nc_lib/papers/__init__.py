@@ -1,1 +1,1 @@
-"""Reproductions of the three papers: experiment grids per scale and figure/table builders."""
+"""Reproductions of the three papers, one package each: its grids per scale, its runs, its figures and tables."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from nc_lib import ufm
+from nc_lib import ufm, ufm_theory
 from nc_lib.ufm import UFMConfig, train_ufm
 
 BASE = dict(num_classes=5, n_per_class=10, feature_dim=16, optimizer="lbfgs", dtype="float64", init_scale=0.5, seed=0)
@@ -44,7 +44,7 @@ def exercise3_trivial_minimum(steps: int = 150) -> dict[str, float]:
     """With C sqrt(n lambda_W lambda_H) >= 1 the theorem's global minimiser is W = H = 0 (f* = log C); training goes
     there too."""
     C, n, lam = 5, 10, 0.2  # C sqrt(n) lam = 5 * 3.16 * 0.2 = 3.2 >= 1
-    gm = ufm.ufm_global_minimum(C, n, 16, lam, lam, 5e-4)
+    gm = ufm_theory.ufm_global_minimum(C, n, 16, lam, lam, 5e-4)
     h = train_ufm(UFMConfig(**{**BASE, "lambda_W": lam, "lambda_H": lam}), steps, steps, progress=False)
     return {"theorem_trivial": float(gm.trivial), "theorem_objective": gm.objective, "trained_objective": h.last["objective"],
             "trained_norm_W": h.last["norm_W"], "trained_norm_H": h.last["norm_H"]}
@@ -53,7 +53,7 @@ def exercise3_trivial_minimum(steps: int = 150) -> dict[str, float]:
 def exercise4_same_end_point(steps: int = 1500) -> dict[str, float]:
     """Minibatch SGD and Adam reach the same objective as the theorem (to a looser tolerance: no line search)."""
     cfg = dict(num_classes=4, n_per_class=10, feature_dim=8, seed=0)
-    f_star = ufm.ufm_optimal_objective(4, 10, 5e-4, 5e-4)
+    f_star = ufm_theory.ufm_optimal_objective(4, 10, 5e-4, 5e-4)
     out = {"theorem": f_star}
     for opt, extra in (("sgd", dict(batch_size=10, lr=1.0, momentum=0.9)), ("adam", dict(lr=0.01))):
         h = train_ufm(UFMConfig(**cfg, optimizer=opt, **extra), steps, steps, progress=False)

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from nc_lib import ufm
+from nc_lib import ufm, ufm_theory
 from nc_lib.ufm import UFMConfig, train_ufm
 
 
 def exercise1_power_vs_lanczos(C: int = 4, n: int = 5, d: int = 6) -> dict[str, float]:
     """Hessian-vector products needed for 6 correct digits of the least eigenvalue at the origin saddle."""
-    s = ufm.origin_saddle(C, n, d, 5e-4, 5e-4, 5e-4)
+    s = ufm_theory.origin_saddle(C, n, d, 5e-4, 5e-4, 5e-4)
     hvp = lambda v: s.objective.hvp(s.theta, v)  # noqa: E731
     target = s.analytic_min_eigenvalue
     out = {"analytic": target}
-    for name, run in (("lanczos", lambda k: ufm.lanczos_smallest(hvp, s.objective.dim, iterations=k)[0]),
-                      ("power", lambda k: ufm.power_iteration_smallest(hvp, s.objective.dim, shift=1.0, iterations=k)[0])):
+    dim = s.objective.dim
+    for name, run in (("lanczos", lambda k: ufm_theory.lanczos_smallest(hvp, dim, iterations=k)[0]),
+                      ("power", lambda k: ufm_theory.power_iteration_smallest(hvp, dim, shift=1.0, iterations=k)[0])):
         k = 2
         while abs(run(k) - target) > 1e-6 * abs(target) and k < 4096:
             k *= 2
@@ -28,7 +29,7 @@ def exercise2_merged_classes(C: int = 4, n: int = 5, d: int = 6, steps: int = 30
     out of the subspace). Its Hessian has a negative eigenvalue: a strict saddle, above the global minimum."""
     lam = 5e-4
     labels = ufm.ufm_labels([n] * C)
-    obj = ufm.UFMObjective(labels, C, d, loss="ce", lambda_W=lam, lambda_H=lam, lambda_b=lam)
+    obj = ufm_theory.UFMObjective(labels, C, d, loss="ce", lambda_W=lam, lambda_H=lam, lambda_b=lam)
     g = torch.Generator().manual_seed(0)
     Wr = (0.5 * torch.randn(C - 1, d, generator=g, dtype=torch.float64)).requires_grad_()
     br = torch.zeros(C - 1, dtype=torch.float64, requires_grad=True)
@@ -51,9 +52,9 @@ def exercise2_merged_classes(C: int = 4, n: int = 5, d: int = 6, steps: int = 30
 
     opt.step(closure)
     theta = expand().detach()
-    lam_min = ufm.lanczos_smallest(lambda v: obj.hvp(theta, v), obj.dim, iterations=80)[0]
+    lam_min = ufm_theory.lanczos_smallest(lambda v: obj.hvp(theta, v), obj.dim, iterations=80)[0]
     return {"gradient_norm": float(obj.gradient(theta).norm()), "least_eigenvalue": lam_min,
-            "objective": float(obj(theta)), "global_objective": ufm.ufm_optimal_objective(C, n, lam, lam)}
+            "objective": float(obj(theta)), "global_objective": ufm_theory.ufm_optimal_objective(C, n, lam, lam)}
 
 
 def exercise3_five_in_three(steps: int = 400) -> dict[str, float]:

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from nc_lib.nearest_etf import ImplicitETFHead
+from nc_lib.heads import ImplicitETFHead
 
 
 def node_gradient_share(C: int = 10, d: int = 64, n: int = 20, warm_steps: int = 50, seed: int = 0) -> float:

@@ -1,0 +1,243 @@
+"""The run configuration: :class:`TrainConfig`, everything that defines a training run, and what it names.
+
+A configuration is validated when it is made (bad values raise a ValueError naming the field and the
+valid choices) and hashed for its run directory (:meth:`TrainConfig.config_hash`, see
+:mod:`nc_lib.runs`). It also names the device, the data and the model of the run:
+:func:`resolve_device`, :func:`load_run_data` and :func:`build_run_model` turn it into them, the same
+way for the engine (:mod:`nc_lib.train`), data-parallel runs (:mod:`nc_lib.distributed`), the cluster's
+dry runs and the paper modules.
+
+Papyan, Han & Donoho (2020)'s protocol is :func:`papyan_preset`, with their measurement epochs
+(:data:`PAPYAN_EPOCHS`, :func:`papyan_measure_epochs`) and learning-rate grid (:data:`PAPYAN_LRS`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DATASETS, dataset_info, load_train_test
+from .models import MODELS, Classifier, build_model
+from .validation import check_choice, check_int, check_nonnegative, check_positive
+
+OPTIMIZERS = ("sgd", "adam", "lbfgs", "agd")
+SCHEDULES = ("none", "step", "multistep")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+#: Papyan et al.'s measurement epochs out of 350 (their Colab's list, 50 epochs).
+PAPYAN_EPOCHS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45,
+    50, 54, 59, 65, 71, 77, 85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
+
+#: Papyan et al.'s learning-rate grid: 25 log-spaced values in [1e-4, 0.25].
+PAPYAN_LRS: tuple[float, ...] = tuple(float(v) for v in np.logspace(math.log10(1e-4), math.log10(0.25), 25))
+
+#: config fields that do not change the numbers of a run (left out of its hash)
+UNHASHED_FIELDS = ("keep_all_checkpoints", "eval_batch_size")
+
+#: fields added after runs were stored: left out of the hash while they hold these defaults, so the
+#: hash (and run directory) of every configuration written before they existed stays the same
+HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Two configs with equal fields share a run directory.
+
+    ``optimizer``: one of :data:`OPTIMIZERS` (``"agd"``: see :mod:`nc_lib.train`, with
+    ``agd_gain``). ``stratified_batches``: every class in every training batch (:mod:`nc_lib.train`).
+    """
+
+    # data
+    dataset: str = "digits"
+    per_class: int | None = None
+    test_per_class: int | None = None
+    data_seed: int = 0
+    augment: bool = False
+    random_labels: bool = False
+    data_root: str | None = None
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    # model
+    model: str = "mlp"
+    width: float = 1.0
+    feature_dim: int | None = None
+    head: str = "linear"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    head_weight_decay: float | None = None
+    feature_decay: float = 0.0
+    batch_size: int = 128
+    stratified_batches: bool = False
+    epochs: int = 10
+    schedule: str = "multistep"
+    milestones: tuple[int, ...] = ()
+    step_size: int = 40
+    gamma: float = 0.1
+    lbfgs_history: int = 10
+    agd_gain: float = 1.0
+    # measurement
+    measure_epochs: tuple[int, ...] | None = None
+    train_sample_pass: bool = False
+    snapshot_per_class: int = 20
+    # execution
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    tag: str = ""
+    eval_batch_size: int = 512
+    keep_all_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        self.dataset = check_choice("dataset", str(self.dataset).lower(), DATASETS)
+        self.model = check_choice("model", str(self.model).lower(), MODELS)
+        self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
+        self.device = check_choice("device", self.device, DEVICES)
+        check_positive("lr", self.lr)
+        check_nonnegative("momentum", self.momentum)
+        check_nonnegative("weight_decay", self.weight_decay)
+        if self.head_weight_decay is not None:
+            check_nonnegative("head_weight_decay", self.head_weight_decay)
+        check_nonnegative("feature_decay", self.feature_decay)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("epochs", self.epochs, 1)
+        check_int("step_size", self.step_size, 1)
+        check_positive("gamma", self.gamma)
+        check_int("snapshot_per_class", self.snapshot_per_class, 0)
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if not isinstance(self.stratified_batches, bool):
+            raise ValueError(f"stratified_batches must be True or False, got {self.stratified_batches!r}.")
+        self.agd_gain = check_positive("agd_gain", self.agd_gain)
+        if not math.isfinite(self.agd_gain):
+            raise ValueError(f"agd_gain must be finite, got {self.agd_gain}.")
+        if self.optimizer == "agd":
+            self._check_agd()
+        if self.measure_epochs is not None:
+            eps = sorted({check_int("measure_epochs", e, 1, self.epochs) for e in self.measure_epochs})
+            self.measure_epochs = tuple(eps)
+        self.dataset_kwargs = dict(self.dataset_kwargs)
+        self.model_kwargs = dict(self.model_kwargs)
+        if "image_size" in self.dataset_kwargs:
+            self.dataset_kwargs["image_size"] = list(self.dataset_kwargs["image_size"]) if not isinstance(
+                self.dataset_kwargs["image_size"], int) else self.dataset_kwargs["image_size"]
+
+    def _check_agd(self) -> None:
+        """AGD has no weight decay and no learning-rate schedule (Bernstein et al. 2023): asking for
+        either is an error, not silently ignored. ``lr``, ``momentum``, ``gamma``, ``step_size`` and
+        ``lbfgs_history`` are unused by AGD (as momentum is by Adam)."""
+        if self.weight_decay != 0:
+            raise ValueError(f"weight_decay={self.weight_decay} is not valid with optimizer='agd': AGD has no weight "
+                             "decay; set weight_decay=0.")
+        if self.head_weight_decay not in (None, 0):
+            raise ValueError(f"head_weight_decay={self.head_weight_decay} is not valid with optimizer='agd': AGD has "
+                             "no weight decay; set head_weight_decay=None.")
+        if self.schedule == "step" or (self.schedule == "multistep" and self.milestones):
+            raise ValueError(f"schedule={self.schedule!r} (milestones={list(self.milestones)}, step_size="
+                             f"{self.step_size}) is not valid with optimizer='agd': AGD sets its own step size and "
+                             "has no learning-rate schedule; set schedule='none'.")
+
+    # ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        d["measure_epochs"] = None if self.measure_epochs is None else list(self.measure_epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; valid fields: {sorted(known)}.")
+        if d.get("measure_epochs") is not None:
+            d["measure_epochs"] = tuple(d["measure_epochs"])
+        d["milestones"] = tuple(d.get("milestones", ()))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def config_hash(self) -> str:
+        """SHA-256 (first 12 hex digits) of the canonical JSON of every field that changes the numbers
+        (fields of :data:`HASHED_UNLESS_DEFAULT` only when they differ from their default)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in UNHASHED_FIELDS
+             and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def measurement_epochs(self) -> list[int]:
+        """The epochs measured (every epoch when ``measure_epochs`` is None); the last epoch always."""
+        eps = set(range(1, self.epochs + 1)) if self.measure_epochs is None else set(self.measure_epochs)
+        eps.add(self.epochs)
+        return sorted(eps)
+
+
+def papyan_measure_epochs(epochs: int) -> tuple[int, ...]:
+    """Papyan's 50 log-spaced measurement epochs of a 350-epoch run, rescaled to ``epochs``.
+
+    e -> round(e * epochs / 350), clipped to [1, epochs], duplicates removed.
+    """
+    epochs = check_int("epochs", epochs, 1)
+    return tuple(sorted({min(epochs, max(1, int(round(e * epochs / 350)))) for e in PAPYAN_EPOCHS}))
+
+
+def papyan_preset(dataset: str, model: str, *, epochs: int = 350, lr: float = 0.0679, **overrides: Any) -> TrainConfig:
+    """Papyan, Han & Donoho's protocol: SGD momentum 0.9, weight decay 5e-4 (1e-4 for ImageNet),
+    batch 128, lr x0.1 at epochs/3 and 2 epochs/3, measurements at :func:`papyan_measure_epochs`,
+    no augmentation. ``lr`` defaults to their Colab's MNIST value; use :func:`nc_lib.train.lr_sweep` for the
+    paper's choice. ``overrides`` set any other :class:`TrainConfig` field.
+    """
+    epochs = check_int("epochs", epochs, 1)
+    milestones = tuple(sorted({max(1, epochs // 3), max(1, (2 * epochs) // 3)}))
+    cfg = dict(dataset=dataset, model=model, optimizer="sgd", lr=lr, momentum=0.9,
+               weight_decay=1e-4 if str(dataset).lower() == "imagenet" else 5e-4, batch_size=128,
+               epochs=epochs, schedule="multistep", milestones=milestones, gamma=0.1,
+               measure_epochs=papyan_measure_epochs(epochs), augment=False)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: cuda if available, else mps, else cpu."""
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'.")
+    return torch.device(device)
+
+
+def load_run_data(config: TrainConfig, *, augment: bool | None = None) -> tuple[Any, Any]:
+    """The (train, test) datasets of ``config`` (:func:`nc_lib.data.load_train_test` with its data fields).
+
+    ``augment``: override ``config.augment`` (e.g. False to read the training set as measured)."""
+    return load_train_test(
+        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
+        seed=config.data_seed, augment=config.augment if augment is None else augment,
+        random_labels=config.random_labels,
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})
+
+
+def build_run_model(config: TrainConfig, device: torch.device, info: dict[str, Any] | None = None) -> Classifier:
+    """The network of ``config`` on ``device``. ``info``: ``{"num_classes", "input_shape"}`` (a checkpoint's
+    ``model_info``); default :func:`nc_lib.data.dataset_info` of the config's dataset."""
+    if info is None:
+        info = dataset_info(config.dataset, **config.dataset_kwargs)
+    model = build_model(config.model, num_classes=info["num_classes"], input_shape=tuple(info["input_shape"]),
+                        width=config.width, feature_dim=config.feature_dim, head=config.head, **config.model_kwargs)
+    return model.to(device)

@@ -1,0 +1,152 @@
+"""Papyan, Han & Donoho (2020)'s experiment grid: the datasets, networks and protocol of each run, per scale.
+
+:func:`grid` returns the :class:`~nc_lib.config.TrainConfig` of every run, keyed by
+``(dataset, network)``:
+
+- ``paper``: the 7 datasets x 3 networks of the paper, in the likely assignment of REFERENCE.md
+  section 3 (the exact depths per dataset are not confirmed by the paper): MNIST VGG11/ResNet18/
+  DenseNet40, FashionMNIST VGG11/ResNet18/DenseNet250, CIFAR10 VGG13/ResNet18/DenseNet40, CIFAR100
+  VGG13/ResNet50/DenseNet250, SVHN VGG11/ResNet18/DenseNet40, STL10 VGG11/ResNet18/DenseNet201,
+  ImageNet VGG13/ResNet50/DenseNet201. Papyan's protocol (:func:`nc_lib.config.papyan_preset`): CE,
+  SGD momentum 0.9, weight decay 5e-4 (1e-4 ImageNet), batch 128, 350 epochs (300 ImageNet), lr x0.1
+  at epochs/3 and 2 epochs/3, no augmentation, per-pixel standardisation, class-balanced subsets
+  (MNIST 5000/class, SVHN 4600/class, ImageNet 600/class; the others are balanced already), the
+  50 measurement epochs of his Colab (rescaled to 300 for ImageNet). The paper picks lr from 25
+  log-spaced values in [1e-4, 0.25] by best final test error (:func:`nc_lib.train.lr_sweep`, a
+  25-run sweep per cell); the learning rates found are not published, so the default here is his
+  Colab's MNIST value :data:`DEFAULT_LR` = 0.0679 and ``grid("paper", lrs={...})`` takes the sweep's
+  results. ResNets use the CIFAR stem (3x3 conv, stride 1, no max-pool; the Colab's MNIST ResNet18)
+  except on ImageNet (ImageNet stem); DenseNet201 keeps its ImageNet stem (STL10's 96x96 images).
+- ``quick``: offline data (scikit-learn digits, 8x8, all 1497 training and 300 test images;
+  MNIST-1D, 100 training and 50 test signals per class) and tiny networks (an MLP 3 x 128, VGG11
+  at width 1/8, lr 0.05; ResNet18 at width 1/8 and DenseNet-BC-40 at width 1/4, lr 0.1; on MNIST-1D,
+  :data:`QUICK_RUN_OVERRIDES`: ResNet18 at width 3/16, lr 0.1, and DenseNet-BC-40 at width 3/4, lr 0.3,
+  so that every run reaches zero training error: hand-picked, no sweep), the same protocol shortened
+  to :data:`QUICK_EPOCHS` epochs.
+
+Every number that sets the size of a scale is here (:data:`PAPER_NETWORKS`, :data:`QUICK_DATASETS`,
+:data:`QUICK_NETWORKS`, :data:`QUICK_RUN_OVERRIDES`, :data:`QUICK_EPOCHS`), with the names the figures
+print (:data:`DATASET_NAMES`, :func:`network_label`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ...config import PAPYAN_EPOCHS, TrainConfig, papyan_measure_epochs, papyan_preset
+from ...validation import check_choice, check_int
+
+SCALES = ("quick", "paper")
+
+#: The 7 datasets x 3 networks of the paper (REFERENCE.md section 3, the likely assignment).
+PAPER_NETWORKS: dict[str, tuple[str, str, str]] = {
+    "mnist": ("vgg11", "resnet18", "densenet40"),
+    "fashionmnist": ("vgg11", "resnet18", "densenet250"),
+    "cifar10": ("vgg13", "resnet18", "densenet40"),
+    "cifar100": ("vgg13", "resnet50", "densenet250"),
+    "svhn": ("vgg11", "resnet18", "densenet40"),
+    "stl10": ("vgg11", "resnet18", "densenet201"),
+    "imagenet": ("vgg13", "resnet50", "densenet201"),
+}
+#: Papyan's class-balanced subsets (images per class); the other datasets are balanced already.
+PAPER_PER_CLASS: dict[str, int] = {"mnist": 5000, "svhn": 4600, "imagenet": 600}
+#: Epochs per dataset (350; 300 for ImageNet).
+PAPER_EPOCHS: dict[str, int] = {ds: (300 if ds == "imagenet" else 350) for ds in PAPER_NETWORKS}
+#: Learning rate when no sweep result is given: the authors' Colab value (MNIST, ResNet18, CE).
+DEFAULT_LR = 0.0679
+
+#: quick scale: datasets, networks (name, width, model options), epochs, learning rate
+#: dataset -> (training images per class, test images per class); None keeps all
+QUICK_DATASETS: dict[str, tuple[int | None, int | None]] = {"digits": (None, None), "mnist1d": (100, 50)}
+#: network -> (width multiplier, model options, learning rate)
+QUICK_NETWORKS: dict[str, tuple[float, dict[str, Any], float]] = {
+    "mlp": (1.0, {"hidden": 128, "depth": 3}, 0.05),
+    "vgg11": (0.125, {}, 0.05),
+    "resnet18": (0.125, {}, 0.1),
+    "densenet40": (0.25, {"bc": True}, 0.1),
+}
+#: (dataset, network) -> (width multiplier, learning rate) where a run needs its own at quick scale: on
+#: MNIST-1D, ResNet18 at width 1/8 ends one sample short of zero training error and DenseNet-BC-40 at width 1/4
+#: stalls near 77%; these reach zero training error by epochs ~14 and ~15 of 30.
+QUICK_RUN_OVERRIDES: dict[tuple[str, str], tuple[float, float]] = {
+    ("mnist1d", "resnet18"): (0.1875, 0.1),
+    ("mnist1d", "densenet40"): (0.75, 0.3),
+}
+QUICK_EPOCHS = 30
+
+DATASET_NAMES = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
+                 "svhn": "SVHN", "stl10": "STL10", "imagenet": "ImageNet", "digits": "digits (8x8)",
+                 "mnist1d": "MNIST-1D", "gaussian": "Gaussian mixture", "fake": "FakeData"}
+FAMILIES = ("mlp", "vgg", "resnet", "densenet")
+FAMILY_NAMES = {"mlp": "MLP", "vgg": "VGG", "resnet": "ResNet", "densenet": "DenseNet"}
+
+Key = tuple[str, str]
+
+
+def family(network: str) -> str:
+    """The network family of a model name: 'mlp', 'vgg', 'resnet' or 'densenet'."""
+    for f in FAMILIES:
+        if network.startswith(f):
+            return f
+    raise ValueError(f"network {network!r} is in no family; valid families: {list(FAMILIES)}.")
+
+
+def network_label(network: str) -> str:
+    """'resnet18' -> 'ResNet18'."""
+    f = family(network)
+    return FAMILY_NAMES[f] + network[len(f):]
+
+
+def grid(scale: str = "quick", *, lrs: Mapping[Key, float] | None = None, epochs: int | None = None,
+         datasets: Sequence[str] | None = None, **overrides: Any) -> dict[Key, TrainConfig]:
+    """The runs of Papyan et al.'s experiment at ``scale`` ("quick" or "paper"), keyed by (dataset, network).
+
+    lrs: learning rate per key (e.g. from :func:`nc_lib.train.lr_sweep`); otherwise :data:`DEFAULT_LR`
+    at paper scale and the network's rate in :data:`QUICK_NETWORKS` at quick scale. epochs: override the number of epochs
+    (measurement epochs and lr milestones are rescaled with it). datasets: keep only these datasets.
+    overrides: any other TrainConfig field, for every run (e.g. ``device="cpu"``).
+    """
+    scale = check_choice("scale", scale, SCALES)
+    lrs = dict(lrs or {})
+    if epochs is not None:
+        epochs = check_int("epochs", epochs, 1)
+    out: dict[Key, TrainConfig] = {}
+    if scale == "paper":
+        keep = list(PAPER_NETWORKS) if datasets is None else [check_choice("datasets", d, list(PAPER_NETWORKS))
+                                                              for d in datasets]
+        for ds in keep:
+            E = epochs or PAPER_EPOCHS[ds]
+            for net in PAPER_NETWORKS[ds]:
+                kw: dict[str, Any] = {}
+                if family(net) == "resnet":
+                    kw["stem"] = "imagenet" if ds == "imagenet" else "cifar"
+                cfg = dict(per_class=PAPER_PER_CLASS.get(ds), model_kwargs=kw, tag="papyan2020")
+                # his Colab's list of 50 epochs at 350 epochs; rescaled for 300 (ImageNet) or an override
+                cfg["measure_epochs"] = PAPYAN_EPOCHS if E == 350 else papyan_measure_epochs(E)
+                cfg.update(overrides)
+                out[(ds, net)] = papyan_preset(ds, net, epochs=E, lr=float(lrs.get((ds, net), DEFAULT_LR)), **cfg)
+        return out
+    keep = list(QUICK_DATASETS) if datasets is None else [check_choice("datasets", d, list(QUICK_DATASETS))
+                                                         for d in datasets]
+    E = epochs or QUICK_EPOCHS
+    for ds in keep:
+        for net, (width, kw, lr) in QUICK_NETWORKS.items():
+            width, lr = QUICK_RUN_OVERRIDES.get((ds, net), (width, lr))
+            per_class, test_per_class = QUICK_DATASETS[ds]
+            cfg = dict(per_class=per_class, test_per_class=test_per_class, width=width, model_kwargs=dict(kw),
+                       tag="papyan2020-quick", snapshot_per_class=20)
+            cfg.update(overrides)
+            out[(ds, net)] = papyan_preset(ds, net, epochs=E, lr=float(lrs.get((ds, net), lr)), **cfg)
+    return out
+
+
+def scale_note(scale: str) -> str:
+    """What differs from the paper at ``scale`` (for save_figure's ``note``)."""
+    scale = check_choice("scale", scale, SCALES)
+    if scale == "paper":
+        return ("Paper protocol (7 datasets x 3 networks, 350 epochs / 300 ImageNet, Papyan's subsets and measurement "
+                "epochs); network depth per dataset is the likely assignment of REFERENCE section 3 (unconfirmed); "
+                f"lr {DEFAULT_LR} (the authors' Colab) unless a sweep result was given.")
+    return (f"quick scale: offline data (sklearn digits 8x8; MNIST-1D, 100 train / 50 test per class) instead of the 7 "
+            f"image datasets; tiny MLP 3x128 / VGG11 (width 1/8) / ResNet18 (width 1/8) / DenseNet-BC-40 (width 1/4); "
+            f"{QUICK_EPOCHS} epochs instead of 350 (lr x0.1 at 10 and 20); lr 0.05 (MLP, VGG) or 0.1 (ResNet, "
+            f"DenseNet) picked by hand, no 25-value sweep; otherwise Papyan's protocol.")
