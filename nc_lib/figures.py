@@ -37,9 +37,8 @@ from typing import Any
 
 from .atomic_io import atomic_write_bytes, atomic_write_with, remove_stale_temporaries, temporary_path
 from .paths import REPO_ROOT, figures_dir
-from .validation import check_choice
+from .validation import SCALES, check_choice
 
-SCALES = ("quick", "paper")
 PAPERS = {
     "papyan2020": "Papyan, Han, Donoho (2020), Prevalence of neural collapse during the terminal phase of deep learning training",
     "zhu2021": "Zhu et al. (2021), A geometric analysis of neural collapse with unconstrained features",

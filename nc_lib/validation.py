@@ -4,6 +4,17 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
+#: The kit's scales, one papermill parameter with the same code path: ``quick`` (minutes on 2 CPU cores, CI),
+#: ``medium`` (the papers' protocols on real data, about an hour on a laptop, minutes on a GPU), ``paper``
+#: (the papers' settings; GPUs and downloaded data).
+SCALES = ("quick", "medium", "paper")
+
+
+def check_scale(scale: Any, name: str = "scale") -> str:
+    """Return ``scale`` if it is one of :data:`SCALES`, else a ValueError listing the three scales."""
+    return check_choice(name, scale, SCALES)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``, else raise a ValueError naming both."""
     choices = list(choices)
