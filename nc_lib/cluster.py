@@ -29,9 +29,8 @@ import importlib
 import json
 import math
 import os
-import socket
+import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .atomic_io import pid_alive
 from .config import TrainConfig
 from .paths import runs_dir as default_runs_dir
-from .runs import is_finished, run_dir
+from .runs import LOCK_NAME, RunLock, current_job_id, is_finished, run_dir
 from .train import train
 from .validation import check_choice, check_int, check_positive
 
@@ -57,7 +55,6 @@ except ImportError:  # pragma: no cover - exercised only where submitit is missi
 
     DelayedSubmission = None  # type: ignore[assignment,misc]
 
-LOCK_NAME = "run.lock"
 CLUSTERS = ("slurm", "local", "debug")
 PAPERS = ("papyan2020", "zhu2021", "markou2024")
 
@@ -71,142 +68,6 @@ TEST_SIZES: dict[str, int] = {"mnist": 10000, "fashionmnist": 10000, "cifar10": 
 def _require_submitit() -> None:
     if submitit is None:
         raise ImportError("nc_lib.cluster needs submitit to submit jobs: pip install submitit")
-
-
-def current_job_id() -> str:
-    """The id of the scheduler job running this process ('' outside one): submitit's job id (SLURM
-    ``<array>_<task>`` or the local executor's), else ``$SLURM_JOB_ID``."""
-    if submitit is not None:
-        try:
-            return str(submitit.JobEnvironment().job_id)
-        except RuntimeError:
-            pass
-    arr, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if arr and task:
-        return f"{arr}_{task}"
-    return os.environ.get("SLURM_JOB_ID", "")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run lock
-# ----------------------------------------------------------------------------------------------
-class RunLock:
-    """An exclusive lock on one run directory: ``<run dir>/run.lock`` created with O_CREAT|O_EXCL.
-
-    ``acquire()`` returns True when this process now holds the lock, False when a live holder has
-    it. See the module docstring for when a lock counts as stale. Use as a context manager
-    (raises RuntimeError if the lock is held by another) or call acquire/release.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, job_id: str | None = None, stale_after_s: float = 1800.0,
-                 heartbeat_s: float = 60.0) -> None:
-        self.dir = Path(path)
-        self.file = self.dir / LOCK_NAME
-        self.job_id = current_job_id() if job_id is None else str(job_id)
-        self.stale_after_s = check_positive("stale_after_s", stale_after_s)
-        self.heartbeat_s = check_positive("heartbeat_s", heartbeat_s)
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-        self.held = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def info(self) -> dict[str, Any] | None:
-        """The holder's record (job_id, host, pid, token, time, heartbeat age), or None if unlocked."""
-        try:
-            rec = json.loads(self.file.read_text())
-            rec["heartbeat_age_s"] = time.time() - self.file.stat().st_mtime
-            return rec
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, OSError):  # being written right now: treat as held and fresh
-            return {"job_id": "", "host": "", "pid": -1, "token": "", "heartbeat_age_s": 0.0}
-
-    def is_stale(self, rec: dict[str, Any]) -> bool:
-        if self.job_id and rec.get("job_id") == self.job_id:
-            return True  # the same scheduler job, requeued after preemption
-        if rec.get("host") == socket.gethostname() and int(rec.get("pid", -1)) > 0 \
-                and not pid_alive(int(rec["pid"])):
-            return True
-        return float(rec.get("heartbeat_age_s", 0.0)) > self.stale_after_s
-
-    def _create(self) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        rec = {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-               "time": time.time()}
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(rec))
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def acquire(self) -> bool:
-        if self.held:
-            return True
-        for _ in range(3):
-            if self._create():
-                self.held = True
-                self._start_heartbeat()
-                return True
-            rec = self.info()
-            if rec is None:
-                continue  # released meanwhile: try again
-            if not self.is_stale(rec):
-                return False
-            # take over: move the stale file away (one contender wins the rename), check it was the
-            # one judged stale, and put it back (link fails if a new lock exists) if it was not
-            aside = self.file.with_name(f"{LOCK_NAME}.stale.{os.getpid()}.{time.time_ns()}")
-            try:
-                os.rename(self.file, aside)
-            except FileNotFoundError:
-                continue
-            try:
-                moved = json.loads(aside.read_text())
-            except (json.JSONDecodeError, OSError):
-                moved = {}
-            if moved.get("token") != rec.get("token"):
-                try:
-                    os.link(aside, self.file)
-                except FileExistsError:
-                    pass
-            aside.unlink(missing_ok=True)
-        return False
-
-    def _start_heartbeat(self) -> None:
-        self._stop.clear()
-
-        def beat() -> None:
-            while not self._stop.wait(self.heartbeat_s):
-                try:
-                    os.utime(self.file)
-                except OSError:
-                    return
-
-        self._thread = threading.Thread(target=beat, daemon=True, name="nc_lib-run-lock")
-        self._thread.start()
-
-    def release(self) -> None:
-        """Remove the lock if this process still holds it (a lock taken over by another is left alone)."""
-        self._stop.set()
-        if not self.held:
-            return
-        self.held = False
-        try:
-            if json.loads(self.file.read_text()).get("token") == self.token:
-                self.file.unlink(missing_ok=True)
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-
-    def __enter__(self) -> "RunLock":
-        if not self.acquire():
-            raise RuntimeError(f"run {self.dir} is taken by {self.info()}")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,19 +246,22 @@ def submit_grid(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], exec
 
 def grid_status(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *,
                 runs_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Per run: ``hash``, ``dataset``, ``model``, ``state`` ("finished", "running" (locked),
-    "partial" (checkpointed, unlocked) or "new"), epochs done, and the lock holder if any."""
+    """Per run: ``hash``, ``dataset``, ``model``, ``state`` ("finished", "running" (locked by a live
+    holder), "partial" (checkpointed, not running) or "new"), epochs done, the lock holder if any and
+    ``stale_lock`` (a lock left by a dead holder: the run is not running; the next job takes it over)."""
     rows = []
     with _RunsDir(None if runs_dir is None else str(runs_dir)):
         for c in _flatten(configs):
             path = run_dir(c)
             ckpts = sorted((path / "checkpoints").glob("epoch_*.pt"))
             done = int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
-            holder = RunLock(path, job_id="").info() if (path / LOCK_NAME).exists() else None
-            state = "finished" if is_finished(c) else "running" if holder else "partial" if ckpts else "new"
+            lock = RunLock(path, job_id="")
+            holder = lock.info() if (path / LOCK_NAME).exists() else None
+            live = holder is not None and not lock.is_stale(holder)  # a dead holder's run is not running
+            state = "finished" if is_finished(c) else "running" if live else "partial" if ckpts else "new"
             rows.append({"hash": c.config_hash(), "dataset": c.dataset, "model": c.model, "state": state,
                          "epochs_done": c.epochs if state == "finished" else done, "epochs": c.epochs,
-                         "holder": holder})
+                         "holder": holder, "stale_lock": holder is not None and not live})
     return rows
 
 
@@ -561,6 +425,53 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_local(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, runs_dir: str | os.PathLike | None = None,
+              parallelism: int = 1, in_process: bool = False, out: Any = None) -> int:
+    """Train a grid on this machine, ``parallelism`` runs at a time (each a fresh process with
+    cpu_count // parallelism threads; ``in_process``: one after another in this process), printing a line
+    per run as it ends. Finished runs are skipped; each run takes its lock (:class:`RunJob`). Returns 0 when
+    every run trained or was finished already, else 1."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    out = sys.stdout if out is None else out
+    parallelism = check_int("parallelism", parallelism, 1)
+    store = str(Path(runs_dir) if runs_dir is not None else default_runs_dir())
+    with _RunsDir(store):
+        todo = [c for c in _flatten(configs) if not is_finished(c)]
+    n_all = len(_flatten(configs))
+    print(f"training {len(todo)} runs on this machine, {parallelism} at a time ({n_all - len(todo)} finished runs "
+          f"skipped); run store {store}", file=out, flush=True)
+    job = RunJob(store, threads=max(1, (os.cpu_count() or 1) // parallelism))
+    failed = 0
+    t0 = time.perf_counter()
+
+    def report(i: int, c: TrainConfig, res: dict[str, Any] | None, err: BaseException | None) -> None:
+        nonlocal failed
+        what = f"{c.dataset} {c.model} {c.config_hash()}"
+        if err is not None or res is None or res.get("status") not in ("trained", "finished"):
+            failed += 1
+        status = f"failed: {type(err).__name__}: {err}" if err is not None else res.get("status") if res else "?"
+        print(f"[{i}/{len(todo)}] {what}: {status} ({time.perf_counter() - t0:.0f} s)", file=out, flush=True)
+
+    if in_process:
+        for i, c in enumerate(todo, 1):
+            try:
+                report(i, c, job(c.to_dict()), None)
+            except Exception as e:  # one failed run does not stop the grid
+                report(i, c, None, e)
+    else:
+        with ProcessPoolExecutor(max_workers=parallelism, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(job, c.to_dict()): c for c in todo}
+            for i, fut in enumerate(as_completed(futures), 1):
+                try:
+                    report(i, futures[fut], fut.result(), None)
+                except Exception as e:
+                    report(i, futures[fut], None, e)
+    print(f"done: {len(todo) - failed} of {len(todo)} runs trained, {failed} failed.", file=out, flush=True)
+    return 0 if failed == 0 else 1
+
+
 def paper_grid(paper: str, scale: str) -> Mapping[Any, TrainConfig]:
     """``nc_lib.papers.<paper>.grid(scale)``."""
     paper = check_choice("paper", paper, PAPERS)
@@ -582,21 +493,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.add_argument("--json", default=None, help="also write the rows to this JSON file")
         if name == "submit":
             s.add_argument("--folder", default="submitit_logs")
-            s.add_argument("--cluster", choices=CLUSTERS, default=None)
+            s.add_argument("--cluster", choices=CLUSTERS, default=None,
+                           help="slurm (default where sbatch exists) or local: this machine, "
+                                "--array-parallelism runs at a time (default 1)")
             s.add_argument("--timeout-min", type=int, default=60 * 24)
             s.add_argument("--partition", default=None)
             s.add_argument("--gpus", type=int, default=1)
             s.add_argument("--cpus", type=int, default=8)
-            s.add_argument("--array-parallelism", type=int, default=64)
+            s.add_argument("--array-parallelism", type=int, default=None,
+                           help="runs at a time (default 64 on SLURM, 1 with --cluster local)")
     a = p.parse_args(argv)
-    grid = paper_grid(a.paper, a.scale)
+    try:
+        grid = paper_grid(a.paper, a.scale)
+        if a.cmd == "submit":
+            cluster = a.cluster
+            if cluster in (None, "slurm") and shutil.which("sbatch") is None:
+                raise ValueError("SLURM is not available here (no sbatch command), so nothing was submitted. To train "
+                                 "the grid on this machine instead, pass --cluster local (one run at a time; "
+                                 "--array-parallelism N runs N at once).")
+            par = check_int("--array-parallelism", a.array_parallelism if a.array_parallelism is not None
+                            else (64 if cluster in (None, "slurm") else 1), 1)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if a.cmd == "submit" and cluster in ("local", "debug"):
+        return run_local(grid, runs_dir=a.runs_dir, parallelism=par, in_process=cluster == "debug")
     if a.cmd == "dry-run":
         rows = dry_run(grid, steps=a.steps, device=a.device, runs_dir=a.runs_dir)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
     elif a.cmd == "submit":
-        ex = make_executor(a.folder, cluster=a.cluster, timeout_min=a.timeout_min, partition=a.partition,
-                           gpus_per_node=a.gpus, cpus_per_task=a.cpus, array_parallelism=a.array_parallelism)
+        ex = make_executor(a.folder, cluster="slurm", timeout_min=a.timeout_min, partition=a.partition,
+                           gpus_per_node=a.gpus, cpus_per_task=a.cpus, array_parallelism=par)
         sub_ = submit_grid(grid, ex, runs_dir=a.runs_dir)
         print(f"submitted {len(sub_.jobs)} jobs ({len(sub_.skipped)} finished runs skipped): "
               f"{', '.join(j.job_id for j in sub_.jobs[:10])}{' ...' if len(sub_.jobs) > 10 else ''}")

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DATASETS, dataset_info, load_train_test
-from .models import MODELS, Classifier, build_model
+from .data import DATASETS, IMBALANCE_PROFILES, dataset_info, imbalanced_counts, load_train_test
+from .models import HEADS, MODEL_OPTIONS, MODELS, Classifier, build_model, model_family
 from .validation import check_choice, check_int, check_nonnegative, check_positive
 
 OPTIMIZERS = ("sgd", "adam", "lbfgs", "agd")
+#: training losses: cross-entropy, or the squared loss on one-hot targets (Papyan's Colab; Han et al. 2022)
+LOSSES = ("ce", "mse")
 SCHEDULES = ("none", "step", "multistep")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -43,7 +45,9 @@ UNHASHED_FIELDS = ("keep_all_checkpoints", "eval_batch_size")
 
 #: fields added after runs were stored: left out of the hash while they hold these defaults, so the
 #: hash (and run directory) of every configuration written before they existed stays the same
-HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0}
+HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0, "loss": "ce",
+                                         "class_counts": None, "imbalance_ratio": 1.0,
+                                         "imbalance_profile": "step"}
 
 
 @dataclass
@@ -63,6 +67,9 @@ class TrainConfig:
     random_labels: bool = False
     data_root: str | None = None
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_counts: tuple[int, ...] | None = None
+    imbalance_ratio: float = 1.0
+    imbalance_profile: str = "step"
     # model
     model: str = "mlp"
     width: float = 1.0
@@ -79,6 +86,7 @@ class TrainConfig:
     batch_size: int = 128
     stratified_batches: bool = False
     epochs: int = 10
+    loss: str = "ce"
     schedule: str = "multistep"
     milestones: tuple[int, ...] = ()
     step_size: int = 40
@@ -114,6 +122,8 @@ class TrainConfig:
         check_int("step_size", self.step_size, 1)
         check_positive("gamma", self.gamma)
         check_int("snapshot_per_class", self.snapshot_per_class, 0)
+        self._check_fields()
+        self._check_loss_and_imbalance()
         self.milestones = tuple(int(m) for m in self.milestones)
         if not isinstance(self.stratified_batches, bool):
             raise ValueError(f"stratified_batches must be True or False, got {self.stratified_batches!r}.")
@@ -130,6 +140,65 @@ class TrainConfig:
         if "image_size" in self.dataset_kwargs:
             self.dataset_kwargs["image_size"] = list(self.dataset_kwargs["image_size"]) if not isinstance(
                 self.dataset_kwargs["image_size"], int) else self.dataset_kwargs["image_size"]
+
+    def _check_loss_and_imbalance(self) -> None:
+        """``loss`` in :data:`LOSSES`; an imbalanced training set is given by ``class_counts`` (one count per
+        class) or by ``imbalance_ratio`` >= 1 with ``imbalance_profile`` (:func:`nc_lib.data.imbalanced_counts`,
+        n_max = ``per_class``), not both."""
+        self.loss = check_choice("loss", self.loss, LOSSES)
+        self.imbalance_profile = check_choice("imbalance_profile", self.imbalance_profile, IMBALANCE_PROFILES)
+        self.imbalance_ratio = float(check_positive("imbalance_ratio", self.imbalance_ratio))
+        if not math.isfinite(self.imbalance_ratio) or self.imbalance_ratio < 1:
+            raise ValueError(f"imbalance_ratio must be a finite number >= 1 (n_max / n_min), got {self.imbalance_ratio}.")
+        if self.class_counts is not None:
+            self.class_counts = tuple(check_int("class_counts", k, 1) for k in self.class_counts)
+            if self.imbalance_ratio != 1.0:
+                raise ValueError("give class_counts or imbalance_ratio, not both.")
+            if self.per_class is not None:
+                raise ValueError("give class_counts or per_class, not both (class_counts sets every class's count).")
+        elif self.imbalance_ratio != 1.0 and self.per_class is None:
+            raise ValueError("imbalance_ratio needs per_class (the largest class's count, n_max).")
+
+    def train_counts(self, num_classes: int) -> int | list[int] | None:
+        """The per-class training counts: ``per_class`` (balanced), ``class_counts``, or the counts of
+        ``imbalance_ratio`` / ``imbalance_profile``; None keeps the whole training set."""
+        if self.class_counts is not None:
+            return list(self.class_counts)
+        if self.imbalance_ratio != 1.0:
+            return imbalanced_counts(self.per_class, num_classes, self.imbalance_ratio, self.imbalance_profile)
+        return self.per_class
+
+    def _check_fields(self) -> None:
+        """The fields the engine would otherwise trip on only inside ``train()`` (after making the run's
+        directory): sizes, seeds, the head, the model's options, momentum in [0, 1), and batch norm with
+        batches of one sample."""
+        width = check_positive("width", self.width)
+        if not math.isfinite(width):
+            raise ValueError(f"width must be a finite number > 0, got {self.width}.")
+        for name in ("per_class", "test_per_class", "feature_dim"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("lbfgs_history", self.lbfgs_history, 1)
+        check_int("seed", self.seed, 0)
+        check_int("data_seed", self.data_seed, 0)
+        m = check_nonnegative("momentum", self.momentum)
+        if m >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}: momentum >= 1 makes SGD's steps grow "
+                             "without bound.")
+        check_choice("head", self.head, sorted(HEADS))
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict of options, got {self.model_kwargs!r}.")
+        family = model_family(self.model)
+        unknown = sorted(set(self.model_kwargs) - MODEL_OPTIONS[family])
+        if unknown:
+            raise ValueError(f"model_kwargs has unknown option(s) {unknown} for model={self.model!r}; valid options: "
+                             f"{sorted(MODEL_OPTIONS[family])}.")
+        batch_norm = family != "mlp" or bool(self.model_kwargs.get("batch_norm", True))
+        if batch_norm and self.batch_size == 1:
+            raise ValueError(f"batch_size=1 is not valid with model={self.model!r}: its batch norm needs at least 2 "
+                             "samples per training batch; use batch_size >= 2"
+                             + (" or model_kwargs={'batch_norm': False}." if family == "mlp" else "."))
 
     def _check_agd(self) -> None:
         """AGD has no weight decay and no learning-rate schedule (Bernstein et al. 2023): asking for
@@ -227,7 +296,8 @@ def load_run_data(config: TrainConfig, *, augment: bool | None = None) -> tuple[
 
     ``augment``: override ``config.augment`` (e.g. False to read the training set as measured)."""
     return load_train_test(
-        config.dataset, root=config.data_root, per_class=config.per_class, test_per_class=config.test_per_class,
+        config.dataset, root=config.data_root, test_per_class=config.test_per_class,
+        per_class=config.train_counts(dataset_info(config.dataset, **config.dataset_kwargs)["num_classes"]),
         seed=config.data_seed, augment=config.augment if augment is None else augment,
         random_labels=config.random_labels,
         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.dataset_kwargs.items()})

@@ -116,12 +116,19 @@ class ArrayDataset(Dataset):
 
     ``x = (raw.float() / scale - mean) / std``, then (if ``augment``) random crop (padding 4) + flip.
     ``get_batch(indices)`` serves a whole batch at once (used by :func:`make_loader`).
+
+    Device-resident: :meth:`to` (or ``device=``) moves the raw array (uint8 images stay uint8), the
+    served labels and the standardisation to a device once; batches are then indexed, standardised
+    and augmented there, batched, with no host-to-device copy of the data. ``targets`` stays on the
+    CPU (the samplers and subsets read it); the augmentation's random draws come from torch's CPU
+    generator on every device, so a seed gives the same crops and flips on CPU and GPU.
     """
 
     def __init__(self, raw: Tensor, targets: Tensor, *, num_classes: int, mean: Tensor, std: Tensor,
-                 scale: float = 1.0, augment: bool = False, name: str = "", split: str = "train") -> None:
+                 scale: float = 1.0, augment: bool = False, name: str = "", split: str = "train",
+                 device: torch.device | str | None = None) -> None:
         self.raw = raw
-        self.targets = targets.long()
+        self.targets = targets.long().cpu()
         self.num_classes = int(num_classes)
         self.mean = mean.float()
         self.std = std.float()
@@ -133,6 +140,34 @@ class ArrayDataset(Dataset):
         if self.augment and len(self.input_shape) != 3:
             raise ValueError(f"augment=True needs image data (C x H x W); dataset {name!r} has "
                              f"inputs of shape {self.input_shape}.")
+        self._served: tuple[Tensor, Tensor] = (self.targets, self.targets)  # (targets, their copy where raw is)
+        if device is not None:
+            self._move(torch.device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the raw data lives and where batches are served."""
+        return self.raw.device
+
+    def _move(self, device: torch.device) -> None:
+        self.raw = self.raw.to(device)
+        self._served = (self.targets, self.targets.to(device))
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+
+    def _served_targets(self) -> Tensor:
+        """``targets`` on the data's device, copied once (again only if ``targets`` is replaced)."""
+        if self._served[0] is not self.targets:
+            self._served = (self.targets, self.targets.to(self.raw.device))
+        return self._served[1]
+
+    def to(self, device: torch.device | str) -> "ArrayDataset":
+        """The same dataset held on ``device`` (raw data, served labels, standardisation moved once); self
+        if it is there already."""
+        device = torch.device(device)
+        if self.raw.device == device or (device.type == self.raw.device.type and device.index is None):
+            return self
+        return ArrayDataset(self.raw, self.targets, num_classes=self.num_classes, mean=self.mean, std=self.std,
+                            scale=self.scale, augment=self.augment, name=self.name, split=self.split, device=device)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -147,8 +182,8 @@ class ArrayDataset(Dataset):
         return x
 
     def get_batch(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self._prepare(self.raw[idx]), self.targets[idx]
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.raw.device)
+        return self._prepare(self.raw[idx]), self._served_targets()[idx]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         return self.get_batch(indices)
@@ -196,43 +231,74 @@ class FolderDataset(Dataset):
 def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
     """Random crop of the zero-padded image (padding 4) and a random horizontal flip, per image.
 
-    ``x`` is a batch B x C x H x W; randomness from torch's global generator.
+    ``x`` is a batch B x C x H x W, on any device; randomness from torch's global CPU generator (offsets
+    ``randint(0, 2 padding + 1, (B, 2))``, then flips ``rand(B) < 0.5``, the draws of the former per-image
+    loop, so a seed gives the same batches as before and on every device). Batched: one gather with
+    index arithmetic, out[b, :, i, j] = padded[b, :, dy_b + i, dx_b + (W-1-j if flip_b else j)].
     """
     B, _, H, W = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    offs = torch.randint(0, 2 * padding + 1, (B, 2))
-    flips = torch.rand(B) < 0.5
-    out = torch.empty_like(x)
-    for i in range(B):
-        dy, dx = int(offs[i, 0]), int(offs[i, 1])
-        crop = padded[i, :, dy:dy + H, dx:dx + W]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
+    offs = torch.randint(0, 2 * padding + 1, (B, 2)).to(x.device, non_blocking=True)
+    flips = (torch.rand(B) < 0.5).to(x.device, non_blocking=True)
+    ar_h, ar_w = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = offs[:, 0, None] + ar_h  # B x H
+    cols = offs[:, 1, None] + torch.where(flips[:, None], ar_w.flip(0), ar_w)  # B x W
+    b = torch.arange(B, device=x.device)[:, None, None]
+    # advanced indices around a slice: the result is B x H x W x C
+    return padded[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
 # Subsampling and labels
 # ----------------------------------------------------------------------------------------------
-def balanced_indices(targets: Tensor | np.ndarray | Sequence[int], per_class: int, seed: int = 0,
+def balanced_indices(targets: Tensor | np.ndarray | Sequence[int], per_class: int | Sequence[int], seed: int = 0,
                      num_classes: int | None = None) -> Tensor:
-    """Indices of exactly ``per_class`` samples of every class, chosen by a seeded permutation.
+    """Indices of exactly ``per_class`` samples of every class, chosen by a seeded permutation; with a
+    sequence, ``per_class[c]`` samples of class c (an imbalanced subset, see :func:`imbalanced_counts`).
 
     Returned sorted (so the dataset keeps its original order). Raises ValueError if some class has
-    fewer than ``per_class`` samples.
+    fewer samples than asked for.
     """
-    per_class = check_int("per_class", per_class, 1)
     t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     C = int(num_classes) if num_classes is not None else int(t.max()) + 1
+    if isinstance(per_class, (int, np.integer)):
+        counts = [check_int("per_class", per_class, 1)] * C
+    else:
+        counts = [check_int("per_class", k, 1) for k in per_class]
+        if len(counts) != C:
+            raise ValueError(f"per_class holds {len(counts)} counts but the dataset has {C} classes; give one per class.")
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(len(t), generator=g)
     chosen = []
     for c in range(C):
         idx = perm[t[perm] == c]
-        if len(idx) < per_class:
-            raise ValueError(f"per_class={per_class} is too large: class {c} has only {len(idx)} samples "
+        if len(idx) < counts[c]:
+            raise ValueError(f"per_class={counts[c]} is too large: class {c} has only {len(idx)} samples "
                              f"(choose per_class <= {min(int((t == k).sum()) for k in range(C))}).")
-        chosen.append(idx[:per_class])
+        chosen.append(idx[:counts[c]])
     return torch.sort(torch.cat(chosen)).values
+
+
+IMBALANCE_PROFILES = ("step", "exp")
+
+
+def imbalanced_counts(n_max: int, num_classes: int, ratio: float, profile: str = "step") -> list[int]:
+    """Per-class training counts of a long-tailed set with imbalance ratio rho = n_max / n_min.
+
+    ``"step"`` (Buda et al. 2018; Cao et al. 2019; Fang et al. 2021's minority collapse): the first
+    ceil(C/2) classes keep n_max samples, the others floor(n_max / rho). ``"exp"`` (Cui et al. 2019;
+    Cao et al. 2019's long-tailed CIFAR): n_c = floor(n_max * rho^(-c/(C-1))), c = 0..C-1. At least 1 each.
+    """
+    n_max = check_int("per_class", n_max, 1)
+    C = check_int("num_classes", num_classes, 2)
+    ratio = check_positive("imbalance_ratio", ratio)
+    if ratio < 1:
+        raise ValueError(f"imbalance_ratio must be >= 1 (n_max / n_min), got {ratio}.")
+    profile = check_choice("imbalance_profile", profile, IMBALANCE_PROFILES)
+    if profile == "step":
+        major = (C + 1) // 2
+        return [n_max] * major + [max(1, int(n_max / ratio))] * (C - major)
+    return [max(1, int(n_max * ratio ** (-c / (C - 1)))) for c in range(C)]
 
 
 def shuffled_labels(targets: Tensor, seed: int) -> Tensor:
@@ -674,8 +740,10 @@ def dataset_info(name: str, **kwargs: Any) -> dict[str, Any]:
 def without_augmentation(dataset: Dataset) -> Dataset:
     """The same samples, labels and standardisation with augmentation switched off (for measurements)."""
     if isinstance(dataset, ArrayDataset) and dataset.augment:
-        return ArrayDataset(dataset.raw, dataset.targets, num_classes=dataset.num_classes, mean=dataset.mean,
-                            std=dataset.std, scale=dataset.scale, augment=False, name=dataset.name, split=dataset.split)
+        out = ArrayDataset(dataset.raw, dataset.targets, num_classes=dataset.num_classes, mean=dataset.mean,
+                           std=dataset.std, scale=dataset.scale, augment=False, name=dataset.name, split=dataset.split)
+        out._served = dataset._served  # a device-resident dataset stays there, its labels' copy shared
+        return out
     if isinstance(dataset, FolderDataset) and dataset.augment:
         return FolderDataset(dataset.base, dataset.indices, dataset.targets, num_classes=dataset.num_classes,
                              input_shape=dataset.input_shape, mean=dataset.mean, std=dataset.std, name=dataset.name,
@@ -827,6 +895,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     else:
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
     collate = _batch_identity if isinstance(dataset, ArrayDataset) else None
+    if isinstance(dataset, ArrayDataset) and dataset.device.type != "cpu":
+        num_workers, pin_memory = 0, False  # device-resident: batches are indexed where they live
     kwargs: dict[str, Any] = {"batch_sampler": sampler, "num_workers": num_workers, "pin_memory": pin_memory}
     if collate is not None:
         kwargs["collate_fn"] = collate

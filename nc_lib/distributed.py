@@ -146,10 +146,12 @@ def reduce_accumulator(acc: CollapseAccumulator, *, device: torch.device | str |
     k[seen] = sums[seen] / counts[seen, None].to(torch.float64)
     delta = torch.where((n_local > 0)[:, None], acc.shift - k, torch.zeros_like(k))
     D = acc.shifted_sums
-    cross = D.T @ delta
-    scatter = acc.scatter + cross + cross.T + delta.T @ (n_local[:, None] * delta)
+    scatter = acc.scatter  # None for an accumulator without scatter (keep_scatter=False)
+    if scatter is not None:
+        cross = D.T @ delta
+        scatter = scatter + cross + cross.T + delta.T @ (n_local[:, None] * delta)
+        dist.all_reduce(scatter)
     shifted = D + n_local[:, None] * delta
-    dist.all_reduce(scatter)
     dist.all_reduce(shifted)
     acc.counts, acc.shift, acc.shifted_sums, acc.scatter, acc.seen = counts, k, shifted, scatter, seen
     acc._shift_cast = k

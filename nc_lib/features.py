@@ -37,19 +37,31 @@ def autocast(device: torch.device, amp: bool):
 
 
 class FeatureTap:
-    """Forward hook on ``model.head`` that keeps the head's input (the penultimate features) of the
-    latest forward pass; use as a context manager."""
+    """Forward hook that keeps the features of the latest forward pass; use as a context manager.
 
-    def __init__(self, model: Classifier) -> None:
+    By default it hooks ``model.head`` and keeps the head's input (the penultimate features). With
+    ``module`` it hooks that module of any network instead, keeping its input (``output=False``) or
+    its output (``output=True``; the first tensor of a tuple output), passed through ``transform``
+    when given (e.g. pooling a convolutional map, see :mod:`nc_lib.measure_model`)."""
+
+    def __init__(self, model: nn.Module, module: nn.Module | None = None, *, output: bool = False,
+                 transform: Callable[[Tensor], Tensor] | None = None) -> None:
         self.model = model
+        self.module = model.head if module is None else module
+        self.output = output
+        self.transform = transform
         self.features: Tensor | None = None
         self._handle = None
 
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        self.features = inputs[0].detach()
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> None:
+        t = output if self.output else inputs[0]
+        if isinstance(t, (tuple, list)):
+            t = t[0]
+        t = t.detach()
+        self.features = t if self.transform is None else self.transform(t)
 
     def __enter__(self) -> "FeatureTap":
-        self._handle = self.model.head.register_forward_hook(self._hook)
+        self._handle = self.module.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -103,14 +115,16 @@ def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | N
 
     Pass 1 (train): features streamed from a forward hook on the head into a CollapseAccumulator,
     plus loss and accuracy. Optional pass 2 (train): per-sample measurements against the final
-    means. Pass 3 (test): loss, accuracy, NCC mismatch / accuracy and cosine margin against the
+    means, and with them the within-class variability Tr(Sigma_W Sigma_B^+)/C from each batch's
+    deviations from the class shifts projected on the final (C-1)-dim between-class subspace (N p C):
+    pass 1 then keeps no p x p scatter (``keep_scatter=False``; without pass 2 it keeps one, N p^2). Pass 3 (test): loss, accuracy, NCC mismatch / accuracy and cosine margin against the
     training means (keys ``*_test``). Features, logits and the classifier stay float64 for float64
     models and are float32 otherwise. ``reduce``: combine each pass across data-parallel ranks
     (:class:`MeasureReduce`; the loaders then hold each rank's shard).
     """
     was_training = model.training
     model.eval()
-    acc = CollapseAccumulator(num_classes)
+    acc = CollapseAccumulator(num_classes, keep_scatter=not train_sample_pass)
     out: dict[str, float] = {}
     with FeatureTap(model) as tap:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
@@ -127,7 +141,7 @@ def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | N
         b = None if b is None else _keep_precision(b)
         out.update(acc.result(W, b))
         if train_sample_pass:
-            sp = acc.sample_pass(W, b)
+            sp = acc.sample_pass(W, b, within_class=True)
             _stream_pass(model, tap, train_loader, device, amp, sp.update)
             out.update((sp if reduce is None else reduce.sample_pass(sp)).result())
         if test_loader is not None:

@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_choice("SCALE", args.scale, SCALES)
+        if Path(args.build).exists() and not Path(args.build).is_dir():
+            raise ValueError(f"--build={args.build!r} is a file, not a folder; give the folder the executed "
+                             "notebooks go to (default build/notebooks).")
         books = select_notebooks(args.only or None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -303,7 +303,13 @@ class SampleAccumulator:
     * cosine margins (Markou 2024): cos(h - mu_G, w_y) - max_{c != y} cos(h - mu_G, w_c) with the
       classifier rows centred over classes; their average, and optionally every per-sample value.
     * with ``within_class=True`` (only valid on the set the means came from) the sum of
-      ||S_r^-1 Vh_r (h_i - mu_{y_i})||^2 that gives Tr(Sigma_W Sigma_B^+)/C.
+      ||S_r^-1 Vh_r (h_i - mu_{y_i})||^2 that gives Tr(Sigma_W Sigma_B^+)/C. Without ``shift`` it comes
+      from the shared product, (h - mu_G).Mdot_c - (mu_y - mu_G).Mdot_c (in memory, :func:`measure_collapse`).
+      With ``shift`` (C x p, per-class reference points such as :attr:`CollapseAccumulator.shift`, the
+      streamed second pass) it is taken as Z = (h - k_y) (G^+ Mdot)^T in the features' dtype minus
+      (G^+ Mdot)(mu_y - k_y) in float64: deviations from a point inside the class are small, so float32
+      features keep their accuracy at collapse, as in the one-pass scatter, at a cost of N p C (an extra
+      product of the batch with C rows) instead of the scatter's N p^2.
 
     One product of the centred batch with [Mdot; W]^T serves all of them. It is taken on h/s and W/t,
     s and t powers of two that bring the centred means and W to magnitude ~1 when they lie outside
@@ -312,7 +318,7 @@ class SampleAccumulator:
 
     def __init__(self, means: Tensor, mu_G: Tensor, W: Tensor | None = None, b: Tensor | None = None, *,
                  within_class: bool = False, keep_margins: bool = False, means_gram: Tensor | None = None,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, shift: Tensor | None = None) -> None:
         self.means = means.to(torch.float64)
         self.mu_G = mu_G.to(torch.float64)
         self.num_classes, self.p = means.shape
@@ -341,6 +347,17 @@ class SampleAccumulator:
             gram = Mdot @ Mdot.T if means_gram is None else means_gram if s == 1.0 else means_gram / (s * s)
             self._nc1_map = between_class_gram_pinv(Mdot, gram)  # C x C
             self._nc1_offsets = gram  # row y: Mdot_y . Mdot_c
+        self._shift = None
+        if shift is not None:
+            if not within_class:
+                raise ValueError("shift is used only by the within-class variability; pass within_class=True.")
+            shift = torch.as_tensor(shift).detach().to(self.means.device, torch.float64)
+            if shift.shape != self.means.shape:
+                raise ValueError(f"shift must have the shape of the class means {tuple(self.means.shape)}; "
+                                 f"got {tuple(shift.shape)}.")
+            self._shift = shift
+            self._nc1_proj = self._nc1_map @ Mdot  # C x p, on the scaled means: (G_s^+ Mdot_s)(r/s) = G^+ Mdot r
+            self._shift_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self.n = 0
         self.ncc_agree = 0
         self.ncc_correct = 0
@@ -372,7 +389,16 @@ class SampleAccumulator:
             proj = G[:, :C]  # (h - mu_G) . Mdot_c
             ncc = (self._mdot_sq.to(G) - 2 * proj).argmin(1)
             self.ncc_correct += int((ncc == y).sum())
-            if self.within_class:
+            if self._shift is not None:
+                # deviations from the per-class shift, projected in the features' dtype; their offset from the
+                # class mean, (G^+ Mdot)(mu_y - k_y), subtracted in float64
+                k, P, O = self._shifted_map(features.dtype, features.device)
+                D = X - k[y] if self.scale == 1.0 else (X - k[y]).mul_(1.0 / self.scale)
+                nc1 = float((D @ P.T).to(torch.float64).sub_(O[y]).pow_(2).sum())
+                if not math.isfinite(nc1):
+                    raise _range_error(X, float(self._Mdot.abs().max()) * self.scale)
+                self.nc1_sum += nc1
+            elif self.within_class:
                 # residual projections Mdot (h - mu_y) and the C x C product in the features' dtype (proj
                 # carries that dtype's rounding already), the sum of squares in float64
                 R = proj - offsets[y]
@@ -395,6 +421,17 @@ class SampleAccumulator:
                 if self.margins is not None:
                     self.margins.append(m)
             self.n += X.shape[0]
+
+    def _shifted_map(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(k, P, O) for features of ``dtype``: the shift k cast to it, P = G_s^+ Mdot_s (C x p) cast to it,
+        and O[y] = P (mu_y - k_y)/s in float64 with the *cast* k, so that a shift not representable in
+        ``dtype`` (merged across ranks) still centres exactly on the class mean."""
+        key = (dtype, device)
+        if key not in self._shift_cache:
+            k = self._shift.to(dtype)
+            O = ((self.means - k.to(torch.float64)) / self.scale) @ self._nc1_proj.T
+            self._shift_cache[key] = (k.to(device), self._nc1_proj.to(device, dtype), O.to(device))
+        return self._shift_cache[key]
 
     def result(self, suffix: str = "") -> dict[str, float]:
         if self.n == 0:
@@ -567,11 +604,20 @@ class CollapseAccumulator:
     The state is kept in the features' units; a batch's products are taken on (h - k_y)/s, s a power of
     two that brings the shifts to magnitude ~1 when they lie outside [2^-20, 2^20], and added back times
     s and s^2 (exact; module doc, "Numeric range"). Numpy arrays are accepted as tensors.
+
+    ``keep_scatter=False`` skips A (the N p^2 work and the p x p state: nearly all of the pass's cost at
+    large p) when a second pass will run: :meth:`result` then has no ``within_class_variability``, and
+    ``sample_pass(within_class=True)`` measures it from the centred features projected on the final
+    between-class subspace instead, at N p C (what :func:`nc_lib.features.measure` does whenever it
+    makes its second training pass).
     """
 
-    def __init__(self, num_classes: int, *, mean_convention: str = "class_means") -> None:
+    def __init__(self, num_classes: int, *, mean_convention: str = "class_means", keep_scatter: bool = True) -> None:
         self.num_classes = check_int("num_classes", num_classes, 2)
         self.mean_convention = check_choice("mean_convention", mean_convention, MEAN_CONVENTIONS)
+        if not isinstance(keep_scatter, bool):
+            raise ValueError(f"keep_scatter must be True or False; got {keep_scatter!r}.")
+        self.keep_scatter = keep_scatter
         self.p: int | None = None
         self.counts = self.shift = self.shifted_sums = None
         self._scatter: Tensor | None = None  # upper block triangle of A (see _add_scatter)
@@ -582,7 +628,7 @@ class CollapseAccumulator:
         self.p = p
         self.shift = torch.zeros(C, p, dtype=f64, device=device)
         self.shifted_sums = torch.zeros(C, p, dtype=f64, device=device)
-        self._scatter = torch.zeros(p, p, dtype=f64, device=device)
+        self._scatter = torch.zeros(p, p, dtype=f64, device=device) if self.keep_scatter else None
         self.counts = torch.zeros(C, dtype=torch.long, device=device)
         self.seen = torch.zeros(C, dtype=torch.bool, device=device)
         self._shift_cast = self.shift
@@ -613,9 +659,13 @@ class CollapseAccumulator:
             D.mul_(1.0 / s)  # exact: a power of two
         self.counts += batch_counts
         _add_class_sums(self.shifted_sums, y, D, s)
-        _add_scatter(self._scatter, D, s * s)
+        if self._scatter is not None:
+            _add_scatter(self._scatter, D, s * s)
         # NaN or Inf features reach the sums; an overflow of the squares reaches the scatter's diagonal first
-        if not bool(torch.isfinite(self.shifted_sums).all() & torch.isfinite(torch.diagonal(self._scatter)).all()):
+        finite = torch.isfinite(self.shifted_sums).all()
+        if self._scatter is not None:
+            finite &= torch.isfinite(torch.diagonal(self._scatter)).all()
+        if not bool(finite):
             _raise_if_not_finite(features)
             raise _range_error(features, float(self.shift[self.seen].abs().max()), "first samples of the classes")
 
@@ -647,19 +697,24 @@ class CollapseAccumulator:
 
     def within_class_scatter_projected(self, basis: Tensor) -> Tensor:
         """B (N Sigma_W) B^T for an (r x p) matrix B, in O(p^2 r)."""
+        if self._scatter is None:
+            raise ValueError("the accumulator was created with keep_scatter=False; it has no within-class scatter.")
         dbar = self.shifted_sums / self.counts[:, None].to(torch.float64)
         AB = self.scatter @ basis.T  # p x r
         DB = self.shifted_sums @ basis.T  # C x r
         return basis @ AB - (dbar @ basis.T).T @ DB
 
     def result(self, W: Tensor | None = None, b: Tensor | None = None) -> dict[str, float]:
-        """Within-class variability and every means/classifier measurement (no per-sample pass)."""
+        """Within-class variability and every means/classifier measurement (no per-sample pass); without the
+        scatter (``keep_scatter=False``) every one but the within-class variability."""
         means, mu_G = self.means, self.global_mean
         scale = _power_of_two_scale(_check_centred_means(means, mu_G))
         W, b = _check_classifier(W, b, self.num_classes, self.p)
         gram = centred_means_gram(means, mu_G)
         out = geometry(means, mu_G, W, b, means_gram=gram)
         # on Mdot/scale: Tr(G^+ Mdot X Mdot^T G^+) scales as scale^-2 (exact, a power of two)
+        if self._scatter is None:
+            return out
         Mdot = means - mu_G if scale == 1.0 else (means - mu_G) / scale
         Gp = between_class_gram_pinv(Mdot, gram if scale == 1.0 else gram / scale ** 2)
         proj = self.within_class_scatter_projected(Mdot)  # Mdot (N Sigma_W) Mdot^T, C x C
@@ -671,11 +726,15 @@ class CollapseAccumulator:
         return out
 
     def sample_pass(self, W: Tensor | None = None, b: Tensor | None = None, *,
-                    keep_margins: bool = False) -> SampleAccumulator:
-        """A second pass against the final means: NCC mismatch, accuracy and cosine margins."""
+                    keep_margins: bool = False, within_class: bool = False) -> SampleAccumulator:
+        """A second pass against the final means: NCC mismatch, accuracy and cosine margins. With
+        ``within_class=True`` (on the same set as this accumulator) also Tr(Sigma_W Sigma_B^+)/C, from the
+        features' deviations from this accumulator's per-class shifts projected on the between-class
+        subspace (N p C; see :class:`SampleAccumulator`)."""
         means, mu_G = self.means, self.global_mean
         _check_centred_means(means, mu_G)
-        return SampleAccumulator(means, mu_G, W, b, keep_margins=keep_margins)
+        return SampleAccumulator(means, mu_G, W, b, keep_margins=keep_margins, within_class=within_class,
+                                 shift=self.shift if within_class else None)
 
 
 def measure_batches(batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, W: Tensor | None = None,

@@ -385,6 +385,17 @@ MODELS = ("mlp", "vgg11", "vgg13", "vgg19", "resnet18", "resnet34", "resnet50", 
           "densenet40", "densenet100", "densenet121", "densenet201", "densenet250")
 
 
+#: the architecture options ``build_model`` accepts, per family of :data:`MODELS`
+MODEL_OPTIONS: dict[str, set[str]] = {"mlp": {"hidden", "depth", "batch_norm"}, "vgg": {"fc_width", "fc_layers"},
+                                      "resnet": {"stem"}, "densenet": {"bc", "stem", "growth", "compression"}}
+
+
+def model_family(name: str) -> str:
+    """The family of a model of :data:`MODELS`: "mlp", "vgg", "resnet" or "densenet"."""
+    key = check_choice("model", str(name).lower().replace("-", "").replace("_", ""), MODELS)
+    return next(f for f in MODEL_OPTIONS if key.startswith(f))
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int = 3, width: float = 1.0,
                 feature_dim: int | None = None, head: HeadSpec = None, input_shape: Sequence[int] | None = None,
                 **kw: Any) -> Classifier:
@@ -399,9 +410,8 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, width: flo
     num_classes = check_int("num_classes", num_classes, 2)
     if feature_dim is not None:
         feature_dim = check_int("feature_dim", feature_dim, 1)
-    allowed = {"mlp": {"hidden", "depth", "batch_norm"}, "vgg": {"fc_width", "fc_layers"}, "resnet": {"stem"},
-               "densenet": {"bc", "stem", "growth", "compression"}}
-    family = next(f for f in ("mlp", "vgg", "resnet", "densenet") if key.startswith(f))
+    allowed = MODEL_OPTIONS
+    family = model_family(key)
     for k in kw:
         if k not in allowed[family]:
             raise ValueError(f"unknown option {k!r} for model {name!r}; valid options: {sorted(allowed[family])}.")

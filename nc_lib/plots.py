@@ -176,6 +176,24 @@ def plot_metric_curves(histories: Mapping[str, Any], keys: Sequence[str], *, x: 
 
 
 # --------------------------------------------------------------------------- live figure while training
+def layer_figure(layers: Mapping[str, Mapping[str, float]], key: str = "within_class_variability", *,
+                 log_y: bool = True, title: str | None = None) -> go.Figure:
+    """``key`` (default NC1, Tr(Sigma_W Sigma_B^+)/C) against depth: one point per layer, in the order
+    given (``layers``: layer name -> its measurements, e.g. ``measure_model(..., layers="all").layers``)."""
+    names = [n for n, d in layers.items() if key in d]
+    if not names:
+        raise ValueError(f"key={key!r} is not measured at any layer; choices: "
+                         f"{sorted({k for d in layers.values() for k in d})}.")
+    vals = [float(layers[n][key]) for n in names]
+    fig = go.Figure(go.Scatter(x=list(range(1, len(names) + 1)), y=vals, mode="lines+markers", text=names,
+                               hovertemplate="%{text}: %{y:.4g}<extra></extra>", line=dict(color=colour(0))))
+    fig.update_layout(title=title or f"{metric_label(key)} by depth", xaxis_title="layer", yaxis_title=metric_label(key),
+                      yaxis_type="log" if log_y and min(vals) > 0 else "linear", height=360,
+                      margin=dict(l=50, r=10, t=40, b=90))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(1, len(names) + 1)), ticktext=names, tickangle=-45)
+    return fig
+
+
 def live_metrics_figure(keys: Sequence[str], *, x: str = "step", log_y: bool = True,
                         widget: bool | None = None) -> go.FigureWidget | go.Figure:
     """One subplot (log y) per key, to be filled by :func:`update_live_figure`: a FigureWidget if

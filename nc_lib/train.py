@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -55,7 +56,8 @@ from .config import PAPYAN_LRS, TrainConfig, build_run_model, load_run_data, res
 from .data import make_loader, set_loader_epoch, without_augmentation
 from .deprecation import moved_names
 from .models import Classifier
-from .runs import EpochResult, RunResult, RunWriter, load_run, resume_checkpoint, run_dir, write_run_start
+from .runs import (LOCK_NAME, EpochResult, RunResult, RunWriter, hold_run_lock, load_run, resume_checkpoint,
+                   run_dir, write_run_start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +122,20 @@ def _fresh_start(model: nn.Module, opt: torch.optim.Optimizer) -> None:
             head.renormalise_()
 
 
+def training_loss(name: str = "ce") -> Callable[[Tensor, Tensor], Tensor]:
+    """The training loss of ``TrainConfig.loss``, mean over the batch: ``"ce"`` cross-entropy;
+    ``"mse"`` the squared loss on one-hot targets, mean over the N x C entries,
+    mean_{i,c} (z_ic - 1[y_i = c])^2, as ``nn.MSELoss()(out, one_hot(y))`` in Papyan et al.'s Colab
+    (Han, Papyan & Donoho 2022 study neural collapse under it)."""
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+
+    def mse(logits: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.mse_loss(logits, nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype))
+
+    return mse
+
+
 class _Step(nn.Module):
     """body + head in one forward (so DDP sees every parameter): returns (features, logits); heads
     with ``needs_labels`` get the labels."""
@@ -143,7 +159,7 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     """One training epoch of ``model`` (train mode): one pass over ``loader``, then one scheduler step.
 
     Per batch: h = body(x), logits = head(h) (``head(h, y)`` for heads with ``needs_labels``),
-    loss = CE(logits, y) + ``feature_decay``/2 * mean_i ||h_i||^2 (Zhu et al. 2021's lambda_H, on the
+    loss = CE(logits, y) (or the one-hot squared loss, ``loss="mse"``, :func:`training_loss`) + ``feature_decay``/2 * mean_i ||h_i||^2 (Zhu et al. 2021's lambda_H, on the
     raw features); LBFGS evaluates it in a closure that also adds the weight decays
     (weight_decay/2 * ||theta_body||^2 + head_weight_decay/2 * ||theta_head||^2); then backward, step,
     and ``head.renormalise_()`` for heads with ``renormalise_after_step`` (Markou et al. 2024's cosine head).
@@ -156,7 +172,7 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     Raises FloatingPointError when the summed loss is not finite.
     """
     model.train()
-    ce = nn.CrossEntropyLoss()
+    ce = training_loss(config.loss)
     renormalise = bool(getattr(model.head, "renormalise_after_step", False))
     forward = _Step(model) if forward is None else forward
     lbfgs = config.optimizer == "lbfgs"
@@ -220,21 +236,47 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
 
 
 def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[dict[str, Any]], None] | None = None,
-          stop_after_epochs: int | None = None, retrain: bool = False) -> RunResult:
+          stop_after_epochs: int | None = None, retrain: bool = False, wait_for_lock_s: float = 0.0) -> RunResult:
     """Train ``config`` (or load it if finished), measuring collapse at its measurement epochs.
 
     progress: tqdm.auto bar over epochs. on_measure: called with every new measurement record
     (e.g. :func:`live_plot`). stop_after_epochs: stop (as if killed) once that many epochs are
     done in total; calling again resumes from the last checkpoint. retrain: delete any earlier
     files of this run and start over.
+
+    One writer per run: the engine holds the run's lock (:func:`nc_lib.runs.hold_run_lock`) while it
+    trains; when another live process holds it, this waits ``wait_for_lock_s`` seconds for it, then raises
+    :class:`nc_lib.runs.RunLockedError` naming that process and its host (a dead holder's lock is taken
+    over). A run directory made by this call is removed again if the call fails before its first checkpoint.
+    Damaged run files: see :mod:`nc_lib.runs` (recovered, or a RunFileError saying what to do).
     """
     path = run_dir(config)
-    if retrain and path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    if (path / "done.json").exists():
+    if (path / "done.json").exists() and not retrain:
         return load_run(config)
+    created = not path.exists()
+    with hold_run_lock(path, wait_s=wait_for_lock_s):
+        if retrain:
+            import shutil
+
+            for child in path.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif (path / "done.json").exists():  # finished by another process while this one waited
+            return load_run(config)
+        try:
+            return _train_locked(config, path, progress=progress, on_measure=on_measure,
+                                 stop_after_epochs=stop_after_epochs)
+        except BaseException:
+            if created and not any((path / "checkpoints").glob("epoch_*.pt")):
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)  # no orphan directory for a run that never got going
+            raise
+
+
+def _train_locked(config: TrainConfig, path: Path, *, progress: bool,
+                  on_measure: Callable[[dict[str, Any]], None] | None, stop_after_epochs: int | None) -> RunResult:
+    """The body of :func:`train`, with the run's lock held."""
     device = resolve_device(config.device)
     write_run_start(path, config, device)
 
@@ -258,7 +300,7 @@ def train(config: TrainConfig, *, progress: bool = True, on_measure: Callable[[d
     model = build_run_model(config, device, model_info)
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
-    start = resume_checkpoint(path, model, opt, sched)
+    start = resume_checkpoint(path, model, opt, sched, config=config)
     if start == 0:
         _fresh_start(model, opt)
     writer = RunWriter(config, path, model_info, without_augmentation(train_set), snap_idx)

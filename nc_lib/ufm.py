@@ -35,6 +35,8 @@ import copy
 import functools
 import dataclasses
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,9 +535,7 @@ class UFMHistory:
             H = model.H.detach()
             rec: dict[str, float] = {"step": self.step, "loss": loss, "objective": loss + float(model.regulariser())}
             if not math.isfinite(rec["objective"]):
-                raise FloatingPointError(
-                    f"the UFM diverged: the objective is {rec['objective']} at step {self.step}; lower lr "
-                    f"(now {cfg.learning_rate} for optimizer={cfg.optimizer!r}, loss={cfg.loss!r}).")
+                raise FloatingPointError(self._divergence_message(rec["objective"]))
             feats = H if cfg.measurement_tau is None else cfg.measurement_tau * F.normalize(H, dim=1)
             try:
                 rec.update(measure_collapse(feats, model.labels, cfg.num_classes, W, b))
@@ -553,6 +553,26 @@ class UFMHistory:
         self.records.append(rec)
         self._snapshot(H, W)
         return rec
+
+    def _divergence_message(self, objective: float) -> str:
+        """Why the objective is not finite and what to change: a regularisation weight whose term overflows
+        (or whose decay step lr * lambda alone overshoots, |1 - lr lambda| > 1 for gradient descent) is named;
+        otherwise the learning rate."""
+        cfg, model = self.config, self.model
+        names = {"H": "lambda_H", "W": "lambda_W", "b": "lambda_b"}
+        groups = model.param_groups()
+        for g, params, lam in groups:
+            if lam and cfg.optimizer in ("gd", "sgd") and cfg.learning_rate * lam > 2:
+                return (f"the UFM diverged: the objective is {objective} at step {self.step}; lr * {names[g]} = "
+                        f"{cfg.learning_rate * lam:.3g} > 2, so the weight-decay step alone overshoots: lower "
+                        f"{names[g]} (now {lam:g}) or lr (now {cfg.learning_rate}).")
+        for g, params, lam in groups:
+            term = lam / 2 * sum(float(torch.linalg.vector_norm(p.detach().double()) ** 2) for p in params)
+            if lam and (math.isinf(term) or term > torch.finfo(model.H.dtype).max / 4):
+                return (f"the UFM objective is {objective} at step {self.step}: the regularisation {names[g]}/2 ||{g}||^2 "
+                        f"= {term:.3g} overflows {model.H.dtype}; lower {names[g]} (now {lam:g}).")
+        return (f"the UFM diverged: the objective is {objective} at step {self.step}; lower lr "
+                f"(now {cfg.learning_rate} for optimizer={cfg.optimizer!r}, loss={cfg.loss!r}).")
 
     def _snapshot(self, H: Tensor, W: Tensor) -> None:
         cfg = self.config
@@ -621,8 +641,10 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     problems (N d <= 2^22, e.g. UFM-10), where the matrix products are too thin to share and a
     second thread only waits on a busy core, and leaves torch's setting alone otherwise.
 
-    Interrupting the kernel also stops the run, keeping every completed step; only an interrupt
-    that lands inside an optimiser update can leave that one step partly applied.
+    Interrupting the kernel (SIGINT, in the main thread) stops the run *between* optimiser steps: the
+    interrupt is noted and takes effect after the step (or measurement) under way, so every step is
+    applied whole and a resumed run equals an uninterrupted one. A second interrupt before then stops
+    at once (for a step that hangs), which may leave that step partly applied.
     """
     steps = check_int("steps", steps, 0)
     measure_every = check_int("measure_every", measure_every, 1)
@@ -663,10 +685,14 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     history.stopped_early = False
     target = history.step + steps
     t0 = time.perf_counter()
+    interrupt = _DeferredInterrupt()
     try:
+        interrupt.__enter__()
         if history.step % measure_every == 0 and history.step not in recorded and _classifier_ready(history.model.head):
             measure()
         while history.step < target:
+            if interrupt.requested:
+                raise KeyboardInterrupt
             history._step()
             history.step += 1
             bar.update(1)
@@ -683,6 +709,7 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
     except KeyboardInterrupt:
         history.stopped_early = True
     finally:
+        interrupt.__exit__()
         history.elapsed += time.perf_counter() - t0
         bar.close()
         torch.set_num_threads(saved_threads)
@@ -690,6 +717,35 @@ def train_ufm(config: UFMConfig | dict[str, Any] | None = None, steps: int = 200
             from .frontend import finish_live
             finish_live(fig)
     return history
+
+
+class _DeferredInterrupt:
+    """Holds back SIGINT (a Jupyter interrupt) while :func:`train_ufm` steps: the handler only sets
+    ``requested``, which the loop reads between optimiser steps; a second SIGINT before then raises
+    KeyboardInterrupt at once. Outside the main thread (where handlers cannot be set), or when SIGINT is
+    ignored, nothing is changed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            old = signal.getsignal(signal.SIGINT)
+            if old is not signal.SIG_IGN and old is not None:
+                signal.signal(signal.SIGINT, self._handler)
+                self._old = old
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def _classifier_ready(head: nn.Module) -> bool:

@@ -59,14 +59,42 @@ def test_real_grid_paper_settings():
         mk.real_grid("paper", optimizer="adam")
     q = mk.real_grid("quick")
     assert set(q) == set(g)
-    for e in q.values():
-        assert e["dataset"] in ("digits", "mnist1d")
+    for key, e in q.items():
+        assert e["dataset"] == "fashionmnist" and e["model"] == g[key]["model"]  # the paper's networks, narrow
+        assert e["config"]["width"] < 1 and e["per_class"] <= 100 and e["epochs"] <= 12
         assert e["report_epochs"][1] == e["epochs"] and e["report_epochs"][0] * 4 == e["epochs"]
+        assert "Fashion-MNIST" in mk.real_note(e) and f"{e['per_class']} images per class" in mk.real_note(e)
+    # Fashion-MNIST has 10 classes: the CIFAR100 ResNet50 stand-in is the ImageNet one (the same runs)
+    assert mk.grid("quick")["cifar100_resnet50"] == mk.grid("quick")["fig4"]
+
+
+def test_real_grid_medium_is_the_papers_protocol_on_fashion_mnist():
+    paper, medium = mk.grid("paper"), mk.grid("medium")
+    assert set(medium) == set(paper)
+    for key in paper:
+        assert list(medium[key]) == list(paper[key])
+        for p, m in zip(paper[key].values(), medium[key].values()):
+            assert m.dataset == "fashionmnist" and m.per_class is not None and m.width < p.width
+            same = {k: v for k, v in p.to_dict().items() if k not in ("dataset", "per_class", "width")}
+            assert {k: m.to_dict()[k] for k in same} == same, key  # epochs, batch, AGD, stratified, stems, seeds
+    entries = mk.real_grid("medium")
+    assert entries["stl10"]["per_class"] < entries["cifar10_resnet18"]["per_class"]  # the small-data setting
+    assert all(e["report_epochs"] == (50, 200) for e in entries.values())
+    assert "Medium" in mk.real_note(entries["fig4"]) and "AGD" in mk.real_note(entries["fig4"])
+    # the UFM grid at medium: the paper's, UFM-1000 with one seed
+    um, up = mk.ufm_grid("medium"), mk.ufm_grid("paper")
+    for name in up:
+        assert um[name].iterations == up[name].iterations
+        assert (um[name].feature_dim, um[name].n_per_class, um[name].methods) == \
+               (up[name].feature_dim, up[name].n_per_class, up[name].methods)
+    assert len(um["ufm1000"].seeds) == 1 and all(len(um[n].seeds) == 5 for n in ("ufm10", "ufm100", "ufm200"))
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match=r"scale.*'quick', 'medium', 'paper'"):
         mk.ufm_grid("huge")
+    with pytest.raises(ValueError, match=r"'quick', 'medium', 'paper'"):
+        mk.real_grid("huge")
     with pytest.raises(ValueError, match="feature_dim"):
         tiny(feature_dim=3)
     with pytest.raises(ValueError, match="method"):

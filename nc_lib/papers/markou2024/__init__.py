@@ -15,7 +15,7 @@ One module per part of the reproduction; their public names are exported here (`
 ``mk.run_ufm``, ``mk.figure_panels``, ...):
 
 * ``grid`` -- the scales, the methods and their heads, the UFM settings (:func:`ufm_grid`) and the
-  real-data settings (:func:`real_grid`, :func:`grid`) per scale, and each run's configuration;
+  real-data settings (:func:`real_grid`, :func:`grid`, :func:`real_note`) per scale, and each run's configuration;
 * ``runs`` -- training (or loading) the runs: :func:`run_ufm`, :func:`run_ufm_grid`, :func:`run_real`;
 * ``cost`` -- what the heads cost: time (:func:`measure_cost`) and memory (:func:`measure_memory`) per
   step, and the Riemannian solver against the closed form (:func:`solver_convergence`);
@@ -24,7 +24,7 @@ One module per part of the reproduction; their public names are exported here (`
   [--methods implicit_etf] [--json out.json]`` trains the UFM grid from the command line.
 """
 from .grid import (ENGINE_HEADS, LABELS, MAIN_METHODS, METHODS, NOTEBOOK, OPTIMIZERS, PAPER, PAPER_UFM, SCALES, TAU,
-                   UFMSetting, grid, make_head, real_grid, train_config, ufm_config, ufm_grid)
+                   UFMSetting, grid, make_head, real_grid, real_note, train_config, ufm_config, ufm_grid)
 from .runs import RECORD_KEYS, run_real, run_ufm, run_ufm_grid, ufm_summary
 from .cost import measure_cost, measure_memory, solver_convergence
 from .figures import (LOG_PANELS, PANELS, accuracy_note, accuracy_table, figure_accuracy_vs_classes, figure_cost,
@@ -33,7 +33,7 @@ from .figures import (LOG_PANELS, PANELS, accuracy_note, accuracy_table, figure_
 
 __all__ = [
     "ENGINE_HEADS", "LABELS", "MAIN_METHODS", "METHODS", "NOTEBOOK", "OPTIMIZERS", "PAPER", "PAPER_UFM", "SCALES", "TAU",
-    "UFMSetting", "grid", "make_head", "real_grid", "train_config", "ufm_config", "ufm_grid",
+    "UFMSetting", "grid", "make_head", "real_grid", "real_note", "train_config", "ufm_config", "ufm_grid",
     "RECORD_KEYS", "run_real", "run_ufm", "run_ufm_grid", "ufm_summary",
     "measure_cost", "measure_memory", "solver_convergence",
     "LOG_PANELS", "PANELS", "accuracy_note", "accuracy_table", "figure_accuracy_vs_classes", "figure_cost",

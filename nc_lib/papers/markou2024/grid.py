@@ -21,7 +21,16 @@ ResNet18), ImageNet ResNet50, CIFAR10 VGG13; 200 epochs, batch 256, tau 5 (the h
 0-4, crop+flip augmentation, stratified batches (every class in every batch). Optimiser: AGD as the released
 scripts (:mod:`nc_lib.agd`; no lr, schedule or weight decay; biases and BN affine frozen), or SGD
 (lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 100 and 150) with ``optimizer="sgd"``; which
-one the paper used for each dataset is not stated. Quick scale: digits (MLP) and MNIST-1D (MLP), 12 epochs, batch 128, 2 seeds.
+one the paper used for each dataset is not stated. ``medium``: that protocol unchanged on Fashion-MNIST
+(offline), only the per-class count (:data:`MEDIUM_PER_CLASS`; STL10's small-data stand-in
+:data:`MEDIUM_STL10_PER_CLASS`, two stratified batches of 256) and the widths (x :data:`MEDIUM_WIDTH`) reduced.
+``quick``: Fashion-MNIST and narrow convolutional networks (width 1/8, ImageNet stem: 28 -> 7 pixels),
+:data:`QUICK_PER_CLASS` images per class (STL10's stand-in :data:`QUICK_STL10_PER_CLASS`), 12 epochs,
+batch 128, 2 seeds.
+
+The UFM grid's ``medium`` scale is the paper's, with one seed instead of five for UFM-1000: a UFM-1000 step
+takes about 1.4 s on a loaded 2-core CPU (README, ``bench_ufm.py``), so 2,000 steps are about 45 minutes a
+run there, while the paper's whole grid takes 8 minutes on one H100 (docs/results/).
 
 Every number that sets the size of a scale is here, in :func:`ufm_grid`, :data:`PAPER_UFM` and :func:`real_grid`.
 """
@@ -35,9 +44,8 @@ from typing import Any
 from ...config import TrainConfig
 from ...heads import CosineHead, FixedETFHead, Head, ImplicitETFHead, LinearHead, NormalisedHead
 from ...ufm import UFMConfig
-from ...validation import check_choice, check_int, check_positive
+from ...validation import SCALES, check_choice, check_int, check_positive, check_scale
 
-SCALES = ("quick", "paper")
 PAPER = "markou2024"
 NOTEBOOK = "05_nearest_etf"
 TAU = 5.0
@@ -52,7 +60,7 @@ ENGINE_HEADS = {"standard": "cosine", "standard_nonorm": "linear", "fixed_etf": 
 
 
 def _check_scale(scale: str) -> str:
-    return check_choice("scale", scale, SCALES)
+    return check_scale(scale)
 
 
 def make_head(method: str, feature_dim: int, num_classes: int, tau: float = TAU, **kw: Any) -> Head:
@@ -114,12 +122,15 @@ def ufm_grid(scale: str = "quick") -> dict[str, UFMSetting]:
     """The UFM settings per scale, keyed ``ufm10, ufm100, ufm200, ufm1000``.
 
     paper: 2000 iterations (the paper), n = 20 per class, d of :data:`PAPER_UFM`, 5 seeds, every
-    method of :data:`METHODS` for UFM-10 and the three main ones for the larger C. quick: the same C,
+    method of :data:`METHODS` for UFM-10 and the three main ones for the larger C. medium: the same, UFM-1000
+    with one seed. quick: the same C,
     fewer iterations (300 for UFM-10, 200, 150 and 40 for UFM-100, -200, -1000; UFM-1000 with n = 2, d = 1000), d = 64 for C <= 10, 3 seeds for UFM-10, 1 else.
     """
     _check_scale(scale)
-    if scale == "paper":
-        return {f"ufm{C}": UFMSetting(f"ufm{C}", C, d, n_per_class=20, iterations=2000, seeds=(0, 1, 2, 3, 4),
+    if scale in ("paper", "medium"):
+        # medium: the paper's settings, UFM-1000 with one seed (about 45 minutes a run on a 2-core CPU)
+        return {f"ufm{C}": UFMSetting(f"ufm{C}", C, d, n_per_class=20, iterations=2000,
+                                      seeds=(0,) if scale == "medium" and C == 1000 else (0, 1, 2, 3, 4),
                                       measure_every=20, methods=METHODS if C == 10 else MAIN_METHODS)
                 for C, d in PAPER_UFM.items()}
     return {
@@ -157,16 +168,36 @@ def ufm_config(setting: UFMSetting, method: str, seed: int) -> UFMConfig:
 OPTIMIZERS = ("agd", "sgd")
 
 
+#: quick real data: Fashion-MNIST images per class (STL10's small-data stand-in fewer), network width
+QUICK_PER_CLASS = 100
+QUICK_STL10_PER_CLASS = 30
+QUICK_WIDTH = 0.125
+#: medium real data: Fashion-MNIST images per class (test set whole) and the factor on every width
+MEDIUM_PER_CLASS = 200
+MEDIUM_STL10_PER_CLASS = 50
+MEDIUM_WIDTH = 0.25
+
+#: the real-data entries: key -> (the paper's dataset, network, name)
+REAL_ENTRIES = {"fig4": ("imagenet", "resnet50", "ImageNet ResNet50"),
+                "cifar10_resnet18": ("cifar10", "resnet18", "CIFAR10 ResNet18"),
+                "cifar100_resnet50": ("cifar100", "resnet50", "CIFAR100 ResNet50"),
+                "stl10": ("stl10", "resnet18", "STL10 ResNet18"),
+                "vgg13": ("cifar10", "vgg13", "CIFAR10 VGG13")}
+
+
 def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[str, Any]]:
     """Real-data settings keyed by the figure they feed: ``fig4`` (ImageNet ResNet50) and the appendix
     ``cifar10_resnet18``, ``cifar100_resnet50``, ``stl10``, ``vgg13``. Each holds ``dataset``, ``model``,
     ``epochs``, ``batch_size``, ``seeds``, ``methods``, ``report_epochs`` (the paper's 50 and 200, or the
-    proportional epochs at quick scale), ``config`` (TrainConfig keywords) and ``stands_for``.
+    proportional epochs at quick scale), ``config`` (TrainConfig keywords), ``stands_for`` and ``per_class``.
 
-    quick: digits (MLP) stands for CIFAR10/STL10/VGG13, MNIST-1D (MLP, 150 per class) for CIFAR100 and ImageNet
-    (a deeper MLP, depth 4, for ImageNet ResNet50 and VGG13, depth 2 otherwise, width 128; STL10's stand-in
-    is digits at 60 per class, the small-data setting);
-    12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds.
+    paper: the paper's datasets and networks (CIFAR stem on CIFAR/STL10, ImageNet stem on ImageNet), 200
+    epochs, batch 256, 5 seeds, crop + flip. medium: the same protocol on Fashion-MNIST with
+    :data:`MEDIUM_PER_CLASS` per class (STL10's stand-in :data:`MEDIUM_STL10_PER_CLASS`) and widths x :data:`MEDIUM_WIDTH`, the
+    paper's stems. quick: Fashion-MNIST, every network at width :data:`QUICK_WIDTH` with the ImageNet stem
+    (ResNet50 for ImageNet and CIFAR100 -- the same runs, Fashion-MNIST has 10 classes --, ResNet18 for
+    CIFAR10 and STL10, VGG13 for VGG13), :data:`QUICK_PER_CLASS` per class (STL10: :data:`QUICK_STL10_PER_CLASS`),
+    no augmentation, 12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds.
 
     Every scale draws stratified batches (every class in every batch, as the paper) and trains with
     ``optimizer``: ``"agd"`` (the released scripts: automatic gradient descent, no lr, no schedule, no weight
@@ -175,45 +206,66 @@ def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[st
     """
     _check_scale(scale)
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    if scale == "paper":
+    if scale in ("paper", "medium"):
         common = dict(epochs=200, batch_size=256, seeds=(0, 1, 2, 3, 4), report_epochs=(50, 200),
                       optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
                       milestones=(100, 150), augment=True)
-        spec = {"fig4": ("imagenet", "resnet50", "ImageNet ResNet50"),
-                "cifar10_resnet18": ("cifar10", "resnet18", "CIFAR10 ResNet18"),
-                "cifar100_resnet50": ("cifar100", "resnet50", "CIFAR100 ResNet50"),
-                "stl10": ("stl10", "resnet18", "STL10 ResNet18"),
-                "vgg13": ("cifar10", "vgg13", "CIFAR10 VGG13")}
         measure = tuple(range(5, 201, 5))
     else:
         common = dict(epochs=12, batch_size=128, seeds=(0, 1), report_epochs=(3, 12), optimizer="sgd", lr=0.05,
                       momentum=0.9, weight_decay=5e-4, schedule="multistep", milestones=(6, 9), augment=False)
-        spec = {"fig4": ("mnist1d", "mlp", "ImageNet ResNet50"),
-                "cifar10_resnet18": ("digits", "mlp", "CIFAR10 ResNet18"),
-                "cifar100_resnet50": ("mnist1d", "mlp", "CIFAR100 ResNet50"),
-                "stl10": ("digits", "mlp", "STL10"),
-                "vgg13": ("digits", "mlp", "VGG13")}
         measure = (1, 3, 6, 9, 12)
     out = {}
-    for key, (ds, net, stands) in spec.items():
+    for key, (paper_ds, net, stands) in REAL_ENTRIES.items():
         kw = {k: common[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                                      "schedule", "milestones", "augment")}
-        kw.update(dataset=ds, model=net, measure_epochs=measure, train_sample_pass=True, stratified_batches=True)
+        kw.update(measure_epochs=measure, train_sample_pass=True, stratified_batches=True)
         if optimizer == "agd":
             kw.update(optimizer="agd", weight_decay=0.0, schedule="none", milestones=())
-        if scale == "paper":  # ResNets: the CIFAR stem on 32x32 (and STL10's 96x96) images, the ImageNet stem on ImageNet
-            kw["model_kwargs"] = {"stem": "imagenet" if ds == "imagenet" else "cifar"} if net.startswith("resnet") else {}
-        if scale == "quick":
-            # small MLPs (feature dim 128 >= C); MNIST-1D subsampled to 150 per class to fit the time budget
-            kw["model_kwargs"] = {"hidden": 128, "depth": 4 if key in ("vgg13", "fig4") else 2}
-            if ds == "mnist1d":
-                kw["per_class"] = 150
-            if key == "stl10":
-                kw["per_class"] = 60  # STL10 is the small-data setting (500 per class): digits at 60 per class
+        per_class = None
+        if scale == "paper":
+            ds = paper_ds
+        else:
+            ds = "fashionmnist"
+            if scale == "medium":
+                per_class = MEDIUM_STL10_PER_CLASS if key == "stl10" else MEDIUM_PER_CLASS
+                kw["width"] = MEDIUM_WIDTH
+            else:
+                per_class = QUICK_STL10_PER_CLASS if key == "stl10" else QUICK_PER_CLASS
+                kw["width"] = QUICK_WIDTH
+            kw["per_class"] = per_class
+        if net.startswith("resnet"):
+            # the CIFAR stem on 32x32 (and STL10's 96x96) images, the ImageNet stem on ImageNet; quick: the
+            # ImageNet stem everywhere (28 -> 7 pixels, 10x cheaper)
+            kw["model_kwargs"] = {"stem": "imagenet" if paper_ds == "imagenet" or scale == "quick" else "cifar"}
+        kw.update(dataset=ds, model=net)
         out[key] = {"dataset": ds, "model": net, "stands_for": stands, "config": kw, "seeds": common["seeds"],
-                    "optimizer": optimizer,
+                    "optimizer": optimizer, "per_class": per_class, "scale": scale,
                     "methods": MAIN_METHODS, "report_epochs": common["report_epochs"], "epochs": common["epochs"]}
     return out
+
+
+def real_note(entry: dict[str, Any]) -> str:
+    """What differs from the paper for one real-data entry of :func:`real_grid` (for its figure's note)."""
+    opt = entry["optimizer"].upper()
+    cfg = entry["config"]
+    if entry["scale"] == "paper":
+        return (f"{opt}, stratified batches of 256" + (" (the released scripts' optimiser)." if opt == "AGD" else
+                " (the released scripts use AGD)."))
+    net = {"resnet18": "ResNet18", "resnet50": "ResNet50", "vgg13": "VGG13"}[entry["model"]]
+    stem = cfg.get("model_kwargs", {}).get("stem")
+    arch = f"{net} at width {cfg['width']:g}" + (f" ({stem} stem)" if stem else "")
+    if entry["scale"] == "medium":
+        return (f"Medium: the paper's protocol ({entry['epochs']} epochs, {opt}, stratified batches of "
+                f"{cfg['batch_size']}, tau {TAU:g}, crop + flip, {len(entry['seeds'])} seeds) on Fashion-MNIST "
+                f"with {entry['per_class']} images per class (full test set) instead of {entry['stands_for']}'s "
+                f"dataset; {arch}. x = epoch; metrics on tau-normalised features.")
+    same = " (the same runs as the ImageNet stand-in: Fashion-MNIST has 10 classes, not 100)" \
+        if entry["stands_for"].startswith("CIFAR100") else ""
+    return (f"Quick: Fashion-MNIST, {entry['per_class']} images per class, full test set, {arch}{same}, no "
+            f"augmentation, {entry['epochs']} epochs, {len(entry['seeds'])} seeds, {opt}, stratified batches of "
+            f"{cfg['batch_size']} (paper: {entry['stands_for']}, 200 epochs, batch 256, crop + flip, 5 seeds). "
+            "x = epoch; metrics on tau-normalised features.")
 
 
 def train_config(entry: dict[str, Any], method: str, seed: int) -> TrainConfig:

@@ -77,6 +77,36 @@ def figure_fig6(results: Mapping[str, Any], **kw: Any) -> Any:
     return figure(results, fixed=True, **kw)
 
 
+#: Zhu et al.: the fixed ETF classifier with d = C "achieves on-par test accuracy" (within about a point)
+PAPER_ACCURACY_GAP = 0.01
+
+
+def fixed_accuracy_gap(results: Mapping[str, RunResult]) -> float:
+    """Final test accuracy of the fixed ETF classifier with d = C minus that of the learned classifier at
+    the wide d (the first and last of :data:`~nc_lib.papers.zhu2021.grid.FIXED_VARIANTS`), in [-1, 1]."""
+    from .grid import FIXED_VARIANTS
+
+    missing = [v for v in (FIXED_VARIANTS[0], FIXED_VARIANTS[-1]) if v not in results]
+    if missing:
+        raise ValueError(f"results must hold the variants {missing}; have {sorted(results)}.")
+    return (float(results[FIXED_VARIANTS[-1]].final["test_accuracy"])
+            - float(results[FIXED_VARIANTS[0]].final["test_accuracy"]))
+
+
+def fixed_gap_note(results: Mapping[str, RunResult]) -> str:
+    """One sentence, measured from the finished runs: does the fixed ETF classifier with d = C end within
+    one point of test accuracy of the learned classifier, as the paper claims, and by how much."""
+    from .grid import FIXED_VARIANTS
+
+    gap = fixed_accuracy_gap(results)
+    learned = float(results[FIXED_VARIANTS[0]].final["test_accuracy"])
+    fixed = float(results[FIXED_VARIANTS[-1]].final["test_accuracy"])
+    verdict = ("within one point, as the paper claims" if abs(gap) <= PAPER_ACCURACY_GAP else
+               f"{'above' if gap > 0 else 'below'} it by more than the paper's one point")
+    return (f"Measured: final test accuracy {fixed:.2%} with the fixed ETF classifier at d = C against {learned:.2%} "
+            f"with the learned classifier at the wide d ({100 * gap:+.2f} points): {verdict}.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Table 1
 # ----------------------------------------------------------------------------------------------

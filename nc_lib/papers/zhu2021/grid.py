@@ -26,22 +26,31 @@ The four experiments (each a dict label -> :class:`~nc_lib.config.TrainConfig`, 
    d = C (``feature_dim=C`` narrows the last block of layer4 to C channels with a 1x1-conv
    shortcut). ``fig6_resnet50``: ResNet50, d = 2048 versus d = C.
 
-At ``quick`` scale everything runs on two CPU cores in a few minutes: offline datasets (scikit-learn
-digits, MNIST-1D, and their random-label versions), small widths and few epochs, the lr schedule
-(x0.1 every 40 of 200 epochs) replaced by x0.1 every epochs/3 (rescaling 40/200 to a dozen epochs
-leaves two epochs at the full lr and training stalls). What differs is stated in
-:func:`note`.
+Three scales (:data:`nc_lib.validation.SCALES`), each a function of this module:
 
-Every number that sets the size of a scale is here, in :func:`paper_grid` and :func:`quick_grid`.
+- ``paper`` (:func:`paper_grid`): the settings above.
+- ``medium`` (:func:`medium_grid`): the paper's protocol unchanged (epochs 200, batches, optimisers,
+  lrs and schedules, weight decays, stems, augmentation) on Fashion-MNIST, which stands for CIFAR10
+  and for MNIST (both offline-unavailable); only the per-class count (:data:`MEDIUM_PER_CLASS`, test
+  set whole) and the widths are reduced: ResNet widths x :data:`MEDIUM_WIDTH` (the fixed-classifier
+  experiment keeps d = 512 / 2048 against d = C through ``feature_dim``), MLP widths x
+  :data:`MEDIUM_WIDTH`.
+- ``quick`` (:func:`quick_grid`): Fashion-MNIST on two CPU cores in about three minutes: ResNet18 at
+  width 1/8 with the ImageNet stem (28 -> 7 pixels after the stem; the CIFAR stem is 10x slower),
+  ResNet50 at width 1/16, :data:`QUICK_PER_CLASS` images per class, :data:`QUICK_EPOCHS` epochs (LBFGS
+  :data:`QUICK_LBFGS_EPOCHS`), lr x0.1 every epochs/3 (rescaling 40/200 leaves two epochs at the full lr
+  and training stalls), measured every 3 epochs;
+  random labels on MLPs and ResNets of 50 per class. What differs is stated in :func:`note`.
+
+Every number that sets the size of a scale is here.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ...config import TrainConfig
-from ...validation import check_choice
+from ...validation import SCALES, check_choice, check_scale
 
-SCALES = ("quick", "paper")
 EXPERIMENTS = ("fig3", "fig3_mnist", "fig4", "fig5", "fig6", "fig6_resnet50")
 
 #: the four variants of the fixed-classifier experiment, in table order
@@ -96,60 +105,102 @@ def _fixed_grid(base: TrainConfig, d_wide: int | None, C: int) -> dict[str, Trai
     return out
 
 
+#: quick scale: Fashion-MNIST images per class (train; test), epochs, ResNet18 width (1/8: d = 64)
+QUICK_PER_CLASS = 100
+QUICK_TEST_PER_CLASS = 300
+QUICK_EPOCHS = 24
+#: quick LBFGS: epochs (each one full-batch step of up to 20 iterations, the cost of about 20 SGD epochs)
+QUICK_LBFGS_EPOCHS = 4
+#: quick ResNet50 (fig6_resnet50) width: d = 128 of its own
+QUICK_RESNET50_WIDTH = 0.0625
+QUICK_RESNET_WIDTH = 0.125
+#: quick random-label experiment (Fig. 4): images per class and epochs
+QUICK_RL_PER_CLASS = 50
+QUICK_RL_EPOCHS = 30
+#: medium scale: Fashion-MNIST images per class (test set whole) and the factor on every width
+MEDIUM_PER_CLASS = 200
+MEDIUM_WIDTH = 0.25
+
+
 def quick_grid() -> dict[str, dict[str, TrainConfig]]:
-    """Offline stand-ins that run in minutes on two CPU cores (see :func:`note`)."""
-    q = dict(tag="zhu2021-quick", device="cpu", snapshot_per_class=0)
-    mlp = dict(model="mlp", model_kwargs={"hidden": 256, "depth": 3})
-    epochs = 12
+    """Fashion-MNIST, minutes on two CPU cores (see the module docstring and :func:`note`)."""
+    q = dict(tag="zhu2021-quick", device="cpu", snapshot_per_class=0, dataset="fashionmnist")
+    epochs = QUICK_EPOCHS
+    every3 = tuple(range(3, epochs + 1, 3))
+    res = dict(model="resnet18", width=QUICK_RESNET_WIDTH, model_kwargs={"stem": "imagenet"})
+    sgd = TrainConfig(per_class=QUICK_PER_CLASS, test_per_class=QUICK_TEST_PER_CLASS, optimizer="sgd", lr=0.05,
+                      momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=epochs, schedule="step",
+                      step_size=max(1, epochs // 3), gamma=0.1, augment=False, measure_epochs=every3, **res, **q)
 
-    def optimisers(dataset: str, adam_lr: float, per_class: int | None, lbfgs_batch: int) -> dict[str, TrainConfig]:
-        sgd = TrainConfig(dataset=dataset, per_class=per_class, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                          batch_size=128, epochs=epochs, schedule="step", step_size=max(1, epochs // 3),
-                          gamma=0.1, augment=False, **mlp, **q)
+    def optimisers(adam_lr: float) -> dict[str, TrainConfig]:
+        # LBFGS batch 2048 is larger than the quick training set: full batch
         return {"SGD": sgd, "Adam": sgd.replace(optimizer="adam", lr=adam_lr),
-                "LBFGS": sgd.replace(optimizer="lbfgs", lr=0.1, lbfgs_history=10, batch_size=lbfgs_batch,
-                                     schedule="none")}
+                "LBFGS": sgd.replace(optimizer="lbfgs", lr=0.1, lbfgs_history=10, batch_size=2048, schedule="none",
+                                     epochs=QUICK_LBFGS_EPOCHS, measure_epochs=None)}
 
-    # LBFGS batch 2048 is larger than the quick sets: full batch on digits, 2048 of MNIST-1D's 4000
-    fig3 = optimisers("digits", 1e-3, None, 2048)
-    fig3_mnist = optimisers("mnist1d", 1e-4, 200, 2048)
+    # Fashion-MNIST stands for both CIFAR10 and MNIST: SGD and LBFGS are the same runs, only Adam's lr differs
+    fig3 = optimisers(1e-3)
+    fig3_mnist = optimisers(1e-4)
 
-    rl_epochs = 30
-    rl = dict(dataset="digits", per_class=50, random_labels=True, optimizer="sgd", lr=0.01, momentum=0.9,
-              weight_decay=1e-4, batch_size=64, epochs=rl_epochs, schedule="step",
+    rl_epochs = QUICK_RL_EPOCHS
+    rl = dict(per_class=QUICK_RL_PER_CLASS, test_per_class=QUICK_RL_PER_CLASS, random_labels=True, optimizer="sgd",
+              lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=64, epochs=rl_epochs, schedule="step",
               step_size=max(1, rl_epochs // 3), gamma=0.1, augment=False,
-              measure_epochs=tuple(range(2, rl_epochs + 1, 2)), **q)
+              measure_epochs=tuple(range(3, rl_epochs + 1, 3)), **q)
     fig4: dict[str, TrainConfig] = {}
-    for w in (32, 128, 512):
+    for w in (128, 512, 2048):
         fig4[f"MLP width {w}, depth 3"] = TrainConfig(model="mlp", model_kwargs={"hidden": w, "depth": 3}, **rl)
     for dp in (1, 6):
-        fig4[f"MLP width 128, depth {dp}"] = TrainConfig(model="mlp", model_kwargs={"hidden": 128, "depth": dp}, **rl)
+        fig4[f"MLP width 2048, depth {dp}"] = TrainConfig(model="mlp", model_kwargs={"hidden": 2048, "depth": dp}, **rl)
     for w in (0.125, 0.25):
         fig4[f"ResNet18 width {w:g}"] = TrainConfig(model="resnet18", width=w, model_kwargs={"stem": "imagenet"}, **rl)
 
-    r_epochs = 12
-    res = TrainConfig(dataset="digits", per_class=100, model="resnet18", width=0.125, model_kwargs={"stem": "cifar"},
-                      optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=r_epochs,
-                      schedule="step", step_size=max(1, r_epochs // 3), gamma=0.1, augment=False, **q)
-    net = fig3["SGD"]
-    fig5 = {"weight decay on the network": net,
-            "weight decay on the features": net.replace(weight_decay=0.0, head_weight_decay=5e-4, feature_decay=5e-4)}
-    fig6 = _fixed_grid(res, 512, 10)
-    # a small stand-in for ResNet50 (d = 2048 vs C): an MLP whose last hidden layer is 512 wide or C
-    fig6_r50 = _fixed_grid(fig3["SGD"].replace(model_kwargs={"hidden": 512, "depth": 3}), None, 10)
+    fig5 = {"weight decay on the network": sgd,
+            "weight decay on the features": sgd.replace(weight_decay=0.0, head_weight_decay=5e-4, feature_decay=5e-4)}
+    fig6 = _fixed_grid(sgd, 512, 10)
+    # ResNet50 at width 1/16 (d = 128 of its own), widened to d = 2048 as the paper's, or narrowed to C
+    fig6_r50 = _fixed_grid(sgd.replace(model="resnet50", width=QUICK_RESNET50_WIDTH), 2048, 10)
     return {"fig3": fig3, "fig3_mnist": fig3_mnist, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig6_resnet50": fig6_r50}
 
 
+def medium_grid() -> dict[str, dict[str, TrainConfig]]:
+    """The paper's protocol on Fashion-MNIST: only the per-class count and the widths reduced.
+
+    Every configuration of :func:`paper_grid` with ``dataset="fashionmnist"`` (for CIFAR10 and MNIST),
+    ``per_class=MEDIUM_PER_CLASS``, ResNet widths x :data:`MEDIUM_WIDTH` and MLP ``hidden`` x
+    :data:`MEDIUM_WIDTH`; ``feature_dim`` (d = 512, 2048 or C) kept; device ``auto``."""
+    def reduce(cfg: TrainConfig) -> TrainConfig:
+        kw: dict[str, Any] = dict(dataset="fashionmnist", per_class=MEDIUM_PER_CLASS, tag="zhu2021-medium")
+        if cfg.model == "mlp":
+            kw["model_kwargs"] = {**cfg.model_kwargs, "hidden": int(cfg.model_kwargs["hidden"] * MEDIUM_WIDTH)}
+        else:
+            kw["width"] = cfg.width * MEDIUM_WIDTH
+        return cfg.replace(**kw)
+
+    out = {exp: {label: reduce(cfg) for label, cfg in configs.items()} for exp, configs in paper_grid().items()}
+    # relabel the width sweeps with the widths that run
+    out["fig4"] = {_medium_label(label, cfg): cfg for label, cfg in out["fig4"].items()}
+    return out
+
+
+def _medium_label(label: str, cfg: TrainConfig) -> str:
+    if cfg.model == "mlp":
+        return f"MLP width {cfg.model_kwargs['hidden']}, depth {cfg.model_kwargs['depth']}"
+    return f"ResNet18 width {cfg.width:g}"
+
+
 def grid(scale: str = "quick") -> dict[str, dict[str, TrainConfig]]:
-    """Experiment name (one of :data:`EXPERIMENTS`) -> {curve label -> TrainConfig} at ``scale``."""
-    check_choice("scale", scale, SCALES)
-    return paper_grid() if scale == "paper" else quick_grid()
+    """Experiment name (one of :data:`EXPERIMENTS`) -> {curve label -> TrainConfig} at ``scale``
+    (one of :data:`nc_lib.validation.SCALES`)."""
+    check_scale(scale)
+    return {"quick": quick_grid, "medium": medium_grid, "paper": paper_grid}[scale]()
 
 
 def note(experiment: str, scale: str) -> str:
-    """What differs from the paper at ``scale`` (for ``save_figure(..., note=...)``)."""
+    """What differs from the paper at ``scale`` (for ``save_figure(..., note=...)``). The measured gap
+    between the fixed and the learned classifier is added by :func:`nc_lib.papers.zhu2021.figures.fixed_gap_note`."""
     check_choice("experiment", experiment, EXPERIMENTS + ("table1",))
-    check_choice("scale", scale, SCALES)
+    check_scale(scale)
     if scale == "paper":
         extra = {
             "fig4": " MLP widths/depths and ResNet18 widths are our best reading of the paper (unconfirmed).",
@@ -158,20 +209,43 @@ def note(experiment: str, scale: str) -> str:
             "table1": " Memory is measured (the authors only counted parameters).",
         }.get(experiment, "")
         return "The paper's settings." + extra
-    lr = "lr x0.1 every epochs/3 instead of every 40 of 200 epochs (a rescaled 1/5 stops training too early)"
+    if scale == "medium":
+        data = {"fig3_mnist": "MNIST", "fig4": "CIFAR10 with random labels"}.get(experiment, "CIFAR10")
+        widths = {"fig4": f"MLP widths {', '.join(str(int(w * MEDIUM_WIDTH)) for w in (512, 1024, 2048))} "
+                          f"(paper 512/1024/2048), ResNet18 widths x{MEDIUM_WIDTH:g} (paper 0.25-2)",
+                  "fig6_resnet50": f"ResNet50 at width x{MEDIUM_WIDTH:g}, d = 2048 and d = C kept through the last block",
+                  "fig6": f"ResNet18 at width x{MEDIUM_WIDTH:g}, d = 512 and d = C kept through the last block",
+                  "table1": f"ResNet18 at width x{MEDIUM_WIDTH:g}, d = 512 against d = C"}.get(
+            experiment, f"ResNet18 at width x{MEDIUM_WIDTH:g}")
+        return (f"Medium: the paper's protocol (200 epochs, its batch, optimiser, lr and schedule, weight decay, stem and "
+                f"augmentation) on Fashion-MNIST with {MEDIUM_PER_CLASS} images per class (full test set) instead of "
+                f"{data}; {widths}." + (" Memory is measured (the authors only counted parameters)."
+                                        if experiment == "table1" else ""))
+    P, T, E, w = QUICK_PER_CLASS, QUICK_TEST_PER_CLASS, QUICK_EPOCHS, QUICK_RESNET_WIDTH
+    base = (f"Quick: Fashion-MNIST ({P} training, {T} test images per class) instead of {{data}}, ResNet18 at width "
+            f"{w:g} (d = {int(512 * w)}) with the ImageNet stem, {E} epochs instead of 200, lr 0.05 x0.1 every {E // 3} "
+            f"epochs instead of every 40, measured every 3 epochs")
+    rl = (f"Quick: Fashion-MNIST with random labels ({QUICK_RL_PER_CLASS} per class) instead of CIFAR10; MLPs of widths "
+          f"128/512/2048 at depth 3 and of depths 1/3/6 at width 2048 (paper: widths 512-2048 at depth 6, depths 1-9), "
+          f"ResNet18 widths 1/8 and 1/4 with the ImageNet stem (paper 0.25-2, CIFAR stem); {QUICK_RL_EPOCHS} epochs "
+          f"instead of 200, lr 0.01 x0.1 every {QUICK_RL_EPOCHS // 3} epochs instead of every 40, measured every 3.")
     return {
-        "fig3": "Quick: MLP (3 x 256, BN) on scikit-learn digits instead of ResNet18 on CIFAR10, 12 epochs, " + lr +
-                "; LBFGS at full batch (1497 < 2048).",
-        "fig3_mnist": "Quick: MNIST-1D instead of MNIST, MLP (3 x 256, BN) instead of ResNet18, 12 epochs, " + lr + ".",
-        "fig4": "Quick: digits with random labels (50 per class) instead of CIFAR10, MLP widths 32/128/512 (depth 3) and "
-                "depths 1/3/6 (width 128), ResNet18 widths 1/8 and 1/4 (ImageNet stem), 30 epochs, measured every 2, " + lr + ".",
-        "fig5": "Quick: MLP (3 x 256, BN) on digits instead of ResNet18 on CIFAR10, 12 epochs, " + lr + ".",
-        "fig6": "Quick: ResNet18 at width 1/8 (CIFAR stem) on digits (100 per class), no augmentation (8x8 images), "
-                "12 epochs, " + lr + "; d = 512 is reached by widening the last block of layer4 (feature_dim=512), "
-                "d = C by narrowing it.",
-        "fig6_resnet50": "Quick: a small stand-in for ResNet50 (d = 2048 vs C): an MLP (3 x 512, BN) on digits whose last "
-                         "hidden layer is d = 512 ('wide') or d = C = 10; 12 epochs, " + lr + ".",
-        "table1": "Quick: the four fig6 stand-ins (ResNet18 width 1/8 on digits, d = 512 by widening the last block); "
-                  "memory on the CPU as the peak resident set (VmHWM) of a fresh process per variant over 3 training "
-                  "steps, minus its resident set before the model was built.",
+        "fig3": base.format(data="CIFAR10") + f"; LBFGS at full batch ({10 * P} < 2048), one step of up to 20 "
+                f"iterations per epoch, {QUICK_LBFGS_EPOCHS} epochs.",
+        "fig3_mnist": base.format(data="MNIST") + " (the same SGD and LBFGS runs as fig3: only Adam's lr, 1e-4, "
+                                                  f"differs); LBFGS at full batch, {QUICK_LBFGS_EPOCHS} epochs.",
+        "fig4": rl,
+        "fig5": base.format(data="CIFAR10") + "; lambda_H = lambda_W = 5e-4.",
+        "fig6": base.format(data="CIFAR10") + "; the paper's fig6 uses the CIFAR stem and crop + flip augmentation, "
+                "here no augmentation; d = 512 by widening the last block of layer4 (feature_dim=512), d = C by "
+                "narrowing it.",
+        "fig6_resnet50": base.format(data="CIFAR10").replace(f"ResNet18 at width {w:g} (d = {int(512 * w)})",
+                                                             f"ResNet50 at width {QUICK_RESNET50_WIDTH:g} "
+                                                             f"(d = {int(2048 * QUICK_RESNET50_WIDTH)})")
+                         + ", no augmentation; d = 2048 by widening the last block (feature_dim=2048), d = C by "
+                           "narrowing it.",
+        "table1": f"Quick: the four fig6 variants (ResNet18 width {w:g}, ImageNet stem, on Fashion-MNIST, d = 512 by "
+                  "widening the last block against d = C); memory on the CPU as the peak resident set (VmHWM) of a "
+                  "fresh process per variant over the measured training steps, minus its resident set before the "
+                  "model was built.",
     }[experiment]
