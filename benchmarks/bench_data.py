@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--models", default="data only,mlp,resnet18", help="comma-separated subset")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -113,18 +114,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = args.n_train or (50000 if device.type == "cuda" else 1280)
     loaders = _loaders(n, device, args.batch)
     results = []
-    for model in ("data only", "mlp", "resnet18"):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device: {name}; {n} CIFAR-shaped images per epoch, batch {args.batch}, pad-4 crop + flip")
+    print(f"{'model':10s} {'dataloader img/s':>17s} {'device img/s':>13s} {'speed-up':>9s}", flush=True)
+    for model in args.models.split(","):
         row = {"model": model, "n_train": n, "batch": args.batch}
         for path, loader in loaders.items():
             step = None if model == "data only" else _step_fn(model, device)
             _epoch(loader, device, step)  # warm-up: allocator, cudnn autotune, first calls
             row[path] = n / min(_epoch(loader, device, step) for _ in range(args.repeats))
         results.append(row)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device: {name}; {n} CIFAR-shaped images per epoch, batch {args.batch}, pad-4 crop + flip")
-    print(f"{'model':10s} {'dataloader img/s':>17s} {'device img/s':>13s} {'speed-up':>9s}")
-    for r in results:
-        print(f"{r['model']:10s} {r['dataloader']:17.0f} {r['device']:13.0f} {r['device'] / r['dataloader']:8.2f}x")
+        r = row
+        print(f"{r['model']:10s} {r['dataloader']:17.0f} {r['device']:13.0f} {r['device'] / r['dataloader']:8.2f}x",
+              flush=True)
     if args.json:
         from nc_lib.atomic_io import atomic_write_json
 

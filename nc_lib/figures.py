@@ -97,6 +97,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "markou2024_table1": _entry("Train top-1 at epochs 50 and 200", "Median [range] over seeds of train top-1 accuracy, per dataset, network and method.", _NB05, "table"),
     "markou2024_table2": _entry("Test top-1 at epochs 50 and 200", "Median [range] over seeds of test top-1 accuracy, per dataset, network and method.", _NB05, "table"),
     "markou2024_table3": _entry("Memory per method", "Peak memory per method, the implicit ETF head with and without the node's backward.", _NB05, "table"),
+    # the course's own figures (notebook 06: a network the kit did not build), beyond the three papers
+    **{f"ownnet_{k}": _entry(t, c, "06_your_own_network") for k, (t, c) in {
+        "monitor": ("Collapse in your own training loop", "A torchvision ResNet18 trained on Fashion-MNIST by a hand-written loop, measured by CollapseMonitor: training error, NC1, equiangularity, self-duality and test NCC mismatch against the epoch."),
+        "collapse_by_depth": ("Collapse by depth", "NC1 of the globally average-pooled output of every block of the trained ResNet18 (measure_model with layers='all'): within-class variability falls block by block."),
+        "ce_vs_mse": ("Cross-entropy against the squared loss", "The same ResNet18, data and optimiser trained with cross-entropy and with MSE on one-hot targets (Papyan's Colab; Han et al. 2022): both collapse."),
+        "minority_collapse": ("Minority collapse", "Cosines between the classifier rows of a balanced and of an imbalanced run (5 majority, 5 minority classes, step profile), by kind of pair, against the simplex ETF's -1/(C-1) (Fang et al. 2021)."),
+    }.items()},
 }
 for _id, _e in CATALOGUE.items():
     _e["paper"] = _id.split("_")[0]

@@ -44,3 +44,33 @@ def test_02_solutions():
     assert merged["objective"] > merged["global_objective"]
     low = m.exercise3_five_in_three()
     assert low["NC1"] < 1e-4 and low["NC2_means"] > 0.1
+
+
+def test_06_solutions():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nc_lib import measure_model
+    from nc_lib.etf import simplex_etf
+
+    m = load("06_your_own_network")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).double()
+    X, Y = torch.randn(80, 12, dtype=torch.float64), torch.arange(80) % 4
+    loader = DataLoader(TensorDataset(X, Y), batch_size=32)
+    by_hand = m.exercise1_by_hand(model, loader)
+    assert by_hand["NC1 by hand"] == pytest.approx(by_hand["NC1 measure_model"], rel=1e-9)
+    assert by_hand["self-duality by hand"] == pytest.approx(by_hand["self-duality measure_model"], rel=1e-9)
+    etf = simplex_etf(6, 8, rotate=True)
+    cos = m.pair_cosines(etf, [3, 4, 5])
+    assert [len(cos[k]) for k in ("majority-majority", "majority-minority", "minority-minority")] == [3, 9, 3]
+    assert all(c == pytest.approx(-1 / 5, abs=1e-12) for v in cos.values() for c in v)
+    crowded = etf.clone()
+    crowded[4:] = crowded[3]  # the minority rows merged into one direction
+    assert m.pair_cosines(crowded, [3, 4, 5])["minority-minority"] == pytest.approx([1.0] * 3)
+    layers = {"a": {"ncc_accuracy": 0.5}, "b": {"ncc_accuracy": 0.95}, "c": {"ncc_accuracy": 0.99}}
+    assert m.exercise3_first_separating_layer(layers, 0.9) == "b"
+    assert m.exercise3_first_separating_layer(layers, 1.01) is None
+    depth = measure_model(model, loader, layers="all", classifier=None, progress=False).layers
+    first = m.exercise3_first_separating_layer(depth, 0.0)
+    assert first == next(iter(depth))
