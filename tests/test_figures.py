@@ -41,7 +41,7 @@ def test_unknown_id_and_scale_are_refused(figures_tmp):
     fig = go.Figure()
     with pytest.raises(ValueError, match="not in the catalogue"):
         figures.save_figure(fig, "zhu2021_fig99", scale="quick")
-    with pytest.raises(ValueError, match=r"scale='huge' is not valid; choose one of \['quick', 'paper'\]"):
+    with pytest.raises(ValueError, match=r"scale='huge' is not valid; choose one of \['quick', 'medium', 'paper'\]"):
         figures.save_figure(fig, "zhu2021_fig1", scale="huge")
     with pytest.raises(ValueError, match="matches no figure id"):
         figures.select_notebooks("nonsense_fig1")
