@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import resolve_device
-from .features import FeatureTap, _keep_precision, autocast
+from .features import FeatureTap, _keep_precision, measure_passes
 from .metrics import PAPER_NAMES, CollapseAccumulator
 from .validation import check_choice
 
@@ -125,6 +125,22 @@ def checked_batches(loader: Iterable, num_classes: int | None, name: str) -> Ite
             raise ValueError(f"labels of {name} must lie in [0, num_classes={num_classes}); batch {i} has labels "
                              f"in [{int(y.min())}, {int(y.max())}]. Pass the right num_classes or fix the labels.")
         yield x, y
+
+
+class _CheckedLoader:
+    """``loader`` re-checked by :func:`checked_batches` on every pass, with a tqdm.auto bar when ``progress``."""
+
+    def __init__(self, loader: Iterable, num_classes: int, name: str, progress: bool) -> None:
+        self.loader, self.num_classes, self.name, self.progress = loader, num_classes, name, progress
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        batches: Iterable = checked_batches(self.loader, self.num_classes, self.name)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            total = len(self.loader) if hasattr(self.loader, "__len__") else None
+            batches = tqdm(batches, total=total, desc=self.name, leave=False, unit="batch")
+        return iter(batches)
 
 
 def _infer_num_classes(loader: Iterable) -> int:
@@ -316,84 +332,24 @@ def measure_model(model: nn.Module, train_loader: Iterable, test_loader: Iterabl
     layer_modules = {n: find_module(model, n, "layers") for n in layer_names}
 
     def transform(t: Tensor) -> Tensor:
-        return _keep_precision(pooled(t, pool))
+        return pooled(t, pool)
 
-    was_training = model.training
-    model.eval()
+    def classifier_of(acc: CollapseAccumulator) -> tuple[Tensor | None, Tensor | None]:
+        nonlocal cls_label
+        if acc.p is not None and W is not None and W.shape[1] != acc.p:
+            if isinstance(classifier, str) and classifier == "auto":
+                cls_label = None  # a named layer the head does not read: features only
+                return None, None
+            raise ValueError(f"the classifier {cls_label!r} has {W.shape[1]} input features but the features "
+                             f"({feat_label}) have {acc.p}.")
+        return (None, None) if W is None else (W.to(dev), None if b is None else b.to(dev))
+
+    def checked(loader: Iterable | None, name: str) -> Iterable | None:
+        return None if loader is None else _CheckedLoader(loader, num_classes, name, progress)
+
     taps = {n: FeatureTap(model, m, output=True, transform=transform) for n, m in layer_modules.items()}
-    main = FeatureTap(model, tap_module, output=tap_output, transform=transform)
-    acc = CollapseAccumulator(num_classes)
-    layer_accs = {n: CollapseAccumulator(num_classes) for n in taps}
-    out: dict[str, float] = {}
-    check_w = True
-
-    def run(loader: Iterable, name: str, updates: dict[str, Any], sums: Tensor | None, desc: str) -> None:
-        nonlocal check_w
-        batches = checked_batches(loader, num_classes, name)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=len(loader) if hasattr(loader, "__len__") else None, desc=desc,
-                           leave=False, unit="batch")
-        for x, y in batches:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with autocast(dev, amp):
-                logits = model(x)
-            if sums is not None and isinstance(logits, Tensor) and logits.dim() == 2 \
-                    and logits.shape[1] == num_classes:
-                logits = _keep_precision(logits)
-                sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += len(y)
-            for key, update in updates.items():
-                tap = main if key == "" else taps[key]
-                update(tap.features, y)
-
-    with main:
-        for t in taps.values():
-            t.__enter__()
-        try:
-            sums = torch.zeros(3, dtype=torch.float64, device=dev)
-            run(train_loader, "train_loader", {"": acc.update, **{n: a.update for n, a in layer_accs.items()}},
-                sums, "train (class means)")
-            if acc.p is not None and W is not None and W.shape[1] != acc.p:
-                if isinstance(classifier, str) and classifier == "auto":
-                    W, b, cls_label = None, None, None  # a named layer the head does not read
-                else:
-                    raise ValueError(f"the classifier {cls_label!r} has {W.shape[1]} input features but the features "
-                                     f"({feat_label}) have {acc.p}.")
-            if float(sums[2]) > 0:
-                n = float(sums[2])
-                out["train_loss"] = float(sums[0]) / n
-                out["train_accuracy"] = float(sums[1]) / n
-                out["train_error"] = 1.0 - float(sums[1]) / n
-            Wd = None if W is None else W.to(dev)
-            bd = None if b is None else b.to(dev)
-            out.update(acc.result(Wd, bd))
-            per_layer = {n: a.result() for n, a in layer_accs.items()}
-            sp = acc.sample_pass(Wd, bd)
-            lsp = {n: a.sample_pass() for n, a in layer_accs.items()}
-            run(train_loader, "train_loader", {"": sp.update, **{n: s.update for n, s in lsp.items()}}, None,
-                "train (per sample)")
-            out.update(sp.result())
-            for n, s in lsp.items():
-                per_layer[n].update(s.result())
-            if test_loader is not None:
-                sp = acc.sample_pass(Wd, bd)
-                lsp = {n: a.sample_pass() for n, a in layer_accs.items()}
-                sums = torch.zeros(3, dtype=torch.float64, device=dev)
-                run(test_loader, "test_loader", {"": sp.update, **{n: s.update for n, s in lsp.items()}}, sums, "test")
-                if float(sums[2]) > 0:
-                    out["test_loss"] = float(sums[0]) / float(sums[2])
-                out.update(sp.result("_test"))
-                if "accuracy_test" in out:
-                    out["test_accuracy"] = out["accuracy_test"]
-                    out["test_error"] = 1.0 - out["accuracy_test"]
-                for n, s in lsp.items():
-                    per_layer[n].update(s.result("_test"))
-        finally:
-            for t in taps.values():
-                t.__exit__()
-            model.train(was_training)
-    layers_out = {n: {k: v for k, v in d.items()} for n, d in per_layer.items()}
-    return CollapseMeasurement(out, num_classes, feat_label, cls_label, layers_out, pool)
+    out, per_layer, _ = measure_passes(
+        model, checked(train_loader, "train_loader"), checked(test_loader, "test_loader"), num_classes, dev,
+        tap=FeatureTap(model, tap_module, output=tap_output, transform=transform), classifier=classifier_of,
+        layer_taps=taps, train_sample_pass=True, amp=amp)
+    return CollapseMeasurement(out, num_classes, feat_label, cls_label, per_layer, pool)

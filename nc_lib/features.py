@@ -5,7 +5,9 @@ Every measurement of a network reads its penultimate features h, the input of ``
 the logits and h together, and the passes here stream them batch by batch into
 :class:`nc_lib.metrics.CollapseAccumulator` and its per-sample passes: no N x p matrix is ever held.
 
-* :func:`measure`: every collapse measurement of a model on an (un-augmented) training loader and a
+* :func:`measure_passes`: the passes that every measurement of a network shares (any tapped module,
+  per-layer taps, any classifier), used by the engine's :func:`measure` and by
+  :func:`nc_lib.any_model.measure_model`: every collapse measurement of a model on an (un-augmented) training loader and a
   test loader (Papyan, Han & Donoho 2020, REFERENCE.md section 2): training loss, accuracy and the
   collapse measurements; optionally a second training pass for the per-sample ones (NCC mismatch,
   cosine margins); on the test set loss, accuracy, NCC mismatch, NCC accuracy and cosine margins
@@ -20,7 +22,8 @@ otherwise; running sums are float64, kept on the device (no host synchronisation
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+import contextlib
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -88,74 +91,118 @@ def _keep_precision(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _stream_pass(model: nn.Module, tap: FeatureTap, loader: Iterable, device: torch.device, amp: bool,
-                 update: Callable[[Tensor, Tensor], Any], sums: Tensor | None = None) -> None:
-    """One eval pass over ``loader``: per batch, the logits ``model(x)``, then ``update(h, y)`` with the
-    penultimate features h from ``tap``; with ``sums`` (float64, 3 entries) also adds the summed
-    cross-entropy, the number correct and the number of samples into it (on the device: no host
-    synchronisation per batch)."""
-    ce = nn.CrossEntropyLoss(reduction="sum")
+def _are_logits(out: Any, num_classes: int) -> bool:
+    """Whether a model's output is a B x C logit matrix (so that loss and accuracy can be read off it)."""
+    return isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] == num_classes
+
+
+def _stream_pass(model: nn.Module, taps: Mapping[str, FeatureTap], loader: Iterable, device: torch.device,
+                 amp: bool, updates: Mapping[str, Callable[[Tensor, Tensor], Any]], num_classes: int,
+                 sums: Tensor | None = None) -> None:
+    """One eval pass over ``loader``: per batch, the output ``model(x)``, then ``updates[k](h, y)`` with the
+    features h that ``taps[k]`` caught; with ``sums`` (float64, 3 entries) also adds the summed
+    cross-entropy, the number correct and the number of samples into it when the output is a B x C logit
+    matrix (on the device: no host synchronisation per batch)."""
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        if sums is not None:
+        if sums is not None and _are_logits(logits, num_classes):
             logits = _keep_precision(logits)
-            sums[0] += ce(logits, y).double()
+            sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum").double()
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
-        update(_keep_precision(tap.features), y)
+        for key, update in updates.items():
+            update(_keep_precision(taps[key].features), y)
+
+
+ClassifierOf = Callable[[CollapseAccumulator], tuple[Tensor | None, Tensor | None]]
 
 
 @torch.no_grad()
+def measure_passes(model: nn.Module, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
+                   device: torch.device, *, tap: FeatureTap, classifier: ClassifierOf,
+                   layer_taps: Mapping[str, FeatureTap] | None = None, train_sample_pass: bool = True,
+                   amp: bool = False, reduce: MeasureReduce | None = None,
+                   ) -> tuple[dict[str, float], dict[str, dict[str, float]], CollapseAccumulator]:
+    """The passes behind every collapse measurement of a network (the engine's :func:`measure` and
+    :func:`nc_lib.any_model.measure_model`), in eval mode.
+
+    Pass 1 (train): the features that ``tap`` (and each of ``layer_taps``) catches, streamed into a
+    CollapseAccumulator per tap, plus loss and accuracy where the model's output is B x C logits. Then
+    ``classifier(accumulator)`` gives (W, b) of the main features (or (None, None): features only).
+    Optional pass 2 (train): per-sample measurements against the final means, and with them the
+    within-class variability Tr(Sigma_W Sigma_B^+)/C from each batch's deviations from the class shifts
+    projected on the final (C-1)-dim between-class subspace (N p C): pass 1 then keeps no p x p scatter
+    (``keep_scatter=False``; without pass 2 it keeps one, N p^2). Pass 3 (test): loss, accuracy, NCC
+    mismatch / accuracy and cosine margin against the training means (keys ``*_test``). ``reduce``:
+    combine each pass across data-parallel ranks (:class:`MeasureReduce`; the loaders then hold each
+    rank's shard). Returns (the main measurements, {layer: its feature-only measurements}, the main
+    accumulator).
+    """
+    taps = {"": tap, **dict(layer_taps or {})}
+    accs = {k: CollapseAccumulator(num_classes, keep_scatter=not train_sample_pass) for k in taps}
+    out: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            for t in taps.values():
+                stack.enter_context(t)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
+            _stream_pass(model, taps, train_loader, device, amp, {k: a.update for k, a in accs.items()},
+                         num_classes, sums)
+            if reduce is not None:
+                sums = reduce.sums(sums)
+                accs = {k: reduce.accumulator(a) for k, a in accs.items()}
+            if float(sums[2]) > 0:
+                loss_sum, correct, n = float(sums[0]), float(sums[1]), float(sums[2])
+                out["train_loss"] = loss_sum / n
+                out["train_accuracy"] = correct / n
+                out["train_error"] = 1.0 - correct / n
+            W, b = classifier(accs[""])
+            W = None if W is None else _keep_precision(W)
+            b = None if b is None else _keep_precision(b)
+            out.update(accs[""].result(W, b))
+            per_layer = {k: a.result() for k, a in accs.items() if k}
+
+            def sample_passes(loader: Iterable, suffix: str, sums: Tensor | None, within_class: bool) -> None:
+                sps = {k: a.sample_pass(*((W, b) if k == "" else (None, None)), within_class=within_class)
+                       for k, a in accs.items()}
+                _stream_pass(model, taps, loader, device, amp, {k: sp.update for k, sp in sps.items()},
+                             num_classes, sums)
+                for k, sp in sps.items():
+                    if reduce is not None:
+                        sp = reduce.sample_pass(sp)
+                    (out if k == "" else per_layer[k]).update(sp.result(suffix))
+
+            if train_sample_pass:
+                sample_passes(train_loader, "", None, True)
+            if test_loader is not None:
+                sums = torch.zeros(3, dtype=torch.float64, device=device)
+                sample_passes(test_loader, "_test", sums, False)
+                if reduce is not None:
+                    sums = reduce.sums(sums)
+                if float(sums[2]) > 0:
+                    out["test_loss"] = float(sums[0]) / float(sums[2])
+                if "accuracy_test" in out:
+                    out["test_accuracy"] = out["accuracy_test"]
+                    out["test_error"] = 1.0 - out["accuracy_test"]
+    finally:
+        model.train(was_training)
+    return out, per_layer, accs[""]
+
+
 def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | None, num_classes: int,
             device: torch.device, *, train_sample_pass: bool = False, amp: bool = False,
             reduce: MeasureReduce | None = None) -> tuple[dict[str, float], CollapseAccumulator]:
-    """Every collapse measurement of ``model`` (eval mode) on the given (un-augmented) loaders.
-
-    Pass 1 (train): features streamed from a forward hook on the head into a CollapseAccumulator,
-    plus loss and accuracy. Optional pass 2 (train): per-sample measurements against the final
-    means, and with them the within-class variability Tr(Sigma_W Sigma_B^+)/C from each batch's
-    deviations from the class shifts projected on the final (C-1)-dim between-class subspace (N p C):
-    pass 1 then keeps no p x p scatter (``keep_scatter=False``; without pass 2 it keeps one, N p^2). Pass 3 (test): loss, accuracy, NCC mismatch / accuracy and cosine margin against the
-    training means (keys ``*_test``). Features, logits and the classifier stay float64 for float64
-    models and are float32 otherwise. ``reduce``: combine each pass across data-parallel ranks
-    (:class:`MeasureReduce`; the loaders then hold each rank's shard).
-    """
-    was_training = model.training
-    model.eval()
-    acc = CollapseAccumulator(num_classes, keep_scatter=not train_sample_pass)
-    out: dict[str, float] = {}
-    with FeatureTap(model) as tap:
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
-        _stream_pass(model, tap, train_loader, device, amp, acc.update, sums)
-        if reduce is not None:
-            sums = reduce.sums(sums)
-            acc = reduce.accumulator(acc)
-        loss_sum, correct, n = float(sums[0]), float(sums[1]), float(sums[2])
-        out["train_loss"] = loss_sum / n
-        out["train_accuracy"] = correct / n
-        out["train_error"] = 1.0 - correct / n
-        W, b = model.head.classifier()
-        W = _keep_precision(W)
-        b = None if b is None else _keep_precision(b)
-        out.update(acc.result(W, b))
-        if train_sample_pass:
-            sp = acc.sample_pass(W, b, within_class=True)
-            _stream_pass(model, tap, train_loader, device, amp, sp.update)
-            out.update((sp if reduce is None else reduce.sample_pass(sp)).result())
-        if test_loader is not None:
-            sp = acc.sample_pass(W, b)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            _stream_pass(model, tap, test_loader, device, amp, sp.update, sums)
-            if reduce is not None:
-                sums = reduce.sums(sums)
-                sp = reduce.sample_pass(sp)
-            out["test_loss"] = float(sums[0]) / float(sums[2])
-            out.update(sp.result("_test"))
-            out["test_accuracy"] = out["accuracy_test"]
-            out["test_error"] = 1.0 - out["accuracy_test"]
-    model.train(was_training)
+    """Every collapse measurement of a kit model (eval mode) on the given (un-augmented) loaders: the
+    features are the input of ``model.head`` and the classifier is ``model.head.classifier()``; the
+    passes are :func:`measure_passes`'s (pass 2 only with ``train_sample_pass``). Features, logits and
+    the classifier stay float64 for float64 models and are float32 otherwise."""
+    out, _, acc = measure_passes(model, train_loader, test_loader, num_classes, device, tap=FeatureTap(model),
+                                 classifier=lambda acc: model.head.classifier(),
+                                 train_sample_pass=train_sample_pass, amp=amp, reduce=reduce)
     return out, acc
 
 
