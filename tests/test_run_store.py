@@ -231,7 +231,8 @@ train(cfg, progress=False)
 
 
 def test_two_processes_on_one_run(tmp_path):
-    cfg = _cfg(epochs=400, per_class=20, measure_epochs=(1, 400))
+    # long enough that the first process is still training whatever the machine's speed (it is killed below)
+    cfg = _cfg(epochs=100_000, per_class=20, measure_epochs=(1, 100_000))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, json.dumps(cfg.to_dict())], env=env)
     try:
