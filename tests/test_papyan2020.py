@@ -50,17 +50,22 @@ def test_paper_grid_takes_swept_learning_rates_and_overrides():
     assert all(c.device == "cpu" for c in g.values())
 
 
-def test_quick_grid_builds_and_is_offline():
+def test_quick_grid_is_papyans_protocol_on_fashion_mnist():
     g = P.grid("quick")
-    assert set(ds for ds, _ in g) == {"digits", "mnist1d"}
-    assert {P.family(n) for _, n in g} == {"mlp", "vgg", "resnet", "densenet"}
-    assert len(g) == 8
+    assert list(g) == [("fashionmnist", "vgg11"), ("fashionmnist", "resnet18"), ("fashionmnist", "densenet40")]
+    assert {P.family(n) for _, n in g} == {"vgg", "resnet", "densenet"}
     for c in g.values():
-        assert c.epochs == P.QUICK_EPOCHS and c.momentum == 0.9 and c.weight_decay == 5e-4 and c.batch_size == 128
+        assert c.epochs == P.QUICK_EPOCHS == 350 and c.milestones == (116, 233) and c.measure_epochs == PAPYAN_EPOCHS
+        assert c.momentum == 0.9 and c.batch_size == 128 and c.augment is False and c.optimizer == "sgd"
+        assert c.weight_decay == P.QUICK_WEIGHT_DECAY and (c.per_class, c.test_per_class) == (20, 50)
         assert c.snapshot_per_class > 0
-        assert c.measure_epochs == papyan_measure_epochs(P.QUICK_EPOCHS)
-    short = P.grid("quick", epochs=6, datasets=["digits"])
-    assert len(short) == 4 and all(c.epochs == 6 and c.milestones == (2, 4) for c in short.values())
+    short = P.grid("quick", epochs=6)
+    assert len(short) == 3 and all(c.epochs == 6 and c.milestones == (2, 4) for c in short.values())
+    assert all(c.measure_epochs == papyan_measure_epochs(6) for c in short.values())
+    note = P.scale_note("quick")
+    for fact in ("20 training and 50 test images per class", "VGG11 at width 1/8", "ResNet18 at width 1/4",
+                 "weight decay 0.01 instead of 5e-4", "lr 0.02", "350 epochs"):
+        assert fact in note, fact
 
 
 def test_bad_input_names_the_parameter():
@@ -68,6 +73,8 @@ def test_bad_input_names_the_parameter():
         P.grid("huge")
     with pytest.raises(ValueError, match="datasets"):
         P.grid("paper", datasets=["digits"])
+    with pytest.raises(ValueError, match="fashionmnist"):
+        P.grid("quick", datasets=["digits"])
     with pytest.raises(ValueError, match="fig2"):
         P.figure(_fake_results(), [])
     with pytest.raises(ValueError, match="family"):
@@ -102,8 +109,10 @@ def _history(epochs, onset, seed):
 
 
 def _fake_results(tmp_path=None):
-    cfgs = P.grid("quick", epochs=12)
-    onsets = {"mlp": 3, "vgg11": 5, "resnet18": 4, "densenet40": 99}
+    """Fake runs on two datasets (the paper grid's MNIST and Fashion-MNIST rows, 12 epochs); DenseNet never
+    reaches zero training error."""
+    cfgs = P.grid("paper", epochs=12, datasets=["mnist", "fashionmnist"])
+    onsets = {"vgg": 5, "resnet": 4, "densenet": 99}
     out = {}
     for i, ((ds, net), c) in enumerate(cfgs.items()):
         path = (tmp_path / f"{ds}-{net}") if tmp_path is not None else run_dir(c)
@@ -111,7 +120,7 @@ def _fake_results(tmp_path=None):
             path.mkdir()
             (path / P.ROBUSTNESS_FILE).write_text("".join(
                 json.dumps({"epoch": e, "robustness": 0.1 * e}) + "\n" for e in (1, 6, 12)))
-        out[(ds, net)] = RunResult(c, path, _history(c.measurement_epochs(), onsets[net], i), True)
+        out[(ds, net)] = RunResult(c, path, _history(c.measurement_epochs(), onsets[P.family(net)], i), True)
     return out
 
 
@@ -126,15 +135,15 @@ def test_figure_layout_panel_per_dataset_curve_per_network(fig_id, tmp_path):
     rows = len(P.FIGURES[fig_id]["keys"])
     # a panel per (measurement, dataset): 2 datasets
     titles = [a.text for a in fig.layout.annotations if a.text]
-    assert any(t.startswith("digits") for t in titles) and any(t.startswith("MNIST-1D") for t in titles)
+    assert any(t.startswith("MNIST<") for t in titles) and any(t.startswith("FashionMNIST") for t in titles)
     xaxes = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
     assert len(xaxes) == 2 * rows
-    for label in ("MLP", "VGG", "ResNet", "DenseNet"):
+    for label in ("VGG", "ResNet", "DenseNet"):
         assert len(_curves(fig, label)) == 2 * rows, (fig_id, label)
     # TPT onsets: dashed vertical lines at the onsets of the networks that reached zero train error
     xs = sorted({s.x0 for s in fig.layout.shapes})
-    assert xs == [3, 4, 5]
-    assert len(fig.layout.shapes) == 3 * 2 * rows
+    assert xs == [4, 5]
+    assert len(fig.layout.shapes) == 2 * 2 * rows
     if fig_id == "fig6":
         assert fig.layout.yaxis.type == "log"
     if fig_id == "fig8":
@@ -150,21 +159,21 @@ def test_figure_of_any_keys_and_rows(tmp_path):
 def test_table1_rows(tmp_path):
     results = _fake_results(tmp_path)
     rows = P.table1(results)
-    assert len(rows) == 8
+    assert len(rows) == 6
     assert set(rows[0]) == {"dataset", "network", "tpt_onset_epoch", "test_accuracy_at_zero_train_error",
                             "last_epoch", "test_accuracy_at_last_epoch"}
     by = {(r["dataset"], r["network"]): r for r in rows}
-    r = by[("digits (8x8)", "VGG11")]
-    hist = results[("digits", "vgg11")].history
+    r = by[("MNIST", "VGG11")]
+    hist = results[("mnist", "vgg11")].history
     assert r["tpt_onset_epoch"] == 5 and r["last_epoch"] == 12
     assert r["test_accuracy_at_zero_train_error"] == next(h["test_accuracy"] for h in hist if h["epoch"] == 5)
     assert r["test_accuracy_at_last_epoch"] == hist[-1]["test_accuracy"]
-    nd = by[("MNIST-1D", "DenseNet40")]
+    nd = by[("FashionMNIST", "DenseNet250")]
     assert nd["tpt_onset_epoch"] is None and nd["test_accuracy_at_zero_train_error"] is None
 
 
 def test_robustness_epochs():
-    c = P.grid("quick", epochs=30)[("digits", "mlp")]
+    c = P.grid("quick", epochs=30)[("fashionmnist", "vgg11")]
     eps = c.measurement_epochs()
     assert P.robustness_epochs(c) == eps
     few = P.robustness_epochs(c, 4)
@@ -174,18 +183,18 @@ def test_robustness_epochs():
 # ---------------------------------------------------------------------------------------------- a real tiny run
 def test_tiny_real_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
-    g = P.grid("quick", epochs=3, datasets=["digits"], device="cpu")
-    g = {k: c for k, c in g.items() if k[1] == "mlp"}
+    g = P.grid("quick", epochs=3, device="cpu")
+    g = {k: c for k, c in g.items() if k[1] == "vgg11"}
     results = P.run_grid(g, progress=False, robustness_points=2, n_images=20)
-    res = results[("digits", "mlp")]
+    res = results[("fashionmnist", "vgg11")]
     assert res.finished and [r["epoch"] for r in res.history] == [1, 2, 3]
     rob = P.read_robustness(res)
     assert [r["epoch"] for r in rob] == [1, 3] and all(r["robustness"] > 0 for r in rob)
     # the run is loaded, not retrained; the robustness file is reused
     again = P.run_grid(g, progress=False, robustness_points=2, n_images=20)
-    assert again[("digits", "mlp")].history == res.history
+    assert again[("fashionmnist", "vgg11")].history == res.history
     fig = P.figure(results, "fig8")
-    assert len(_curves(fig, "MLP")) == 1
+    assert len(_curves(fig, "VGG")) == 1
     anim = P.collapse_animation(res)
     assert len(anim.frames) == 3 and [f.name for f in anim.frames] == ["1", "2", "3"]
     rows = P.table1(results)
@@ -194,11 +203,20 @@ def test_tiny_real_run_end_to_end(tmp_path, monkeypatch):
 
 def test_measure_robustness_from_kept_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
-    c = P.grid("quick", epochs=2, datasets=["digits"], device="cpu")[("digits", "mlp")]
+    c = P.grid("quick", epochs=2, device="cpu")[("fashionmnist", "vgg11")]
     res = train(c.replace(keep_all_checkpoints=True), progress=False)
     assert P.read_robustness(res) == []
     recs = P.measure_robustness(res, n_images=10)
     assert [r["epoch"] for r in recs] == [1, 2]
+
+
+def exec_last(block, ns):
+    """Run a solution block and return the value of its last expression, as the notebook would show it."""
+    import ast
+    tree = ast.parse(block)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, "<solution>", "exec"), ns)
+    return None if last is None else eval(compile(ast.Expression(last.value), "<solution>", "eval"), ns)
 
 
 def test_notebook_exercise_solutions_run(tmp_path, monkeypatch):
@@ -213,17 +231,59 @@ def test_notebook_exercise_solutions_run(tmp_path, monkeypatch):
     assert len(blocks) == 3
     fake_dir = tmp_path / "fake"
     fake_dir.mkdir()
-    # exercise 1 retrains the digits grid: keep only its MLP here, for speed
-    from types import SimpleNamespace
-
-    shim = SimpleNamespace(**{k: getattr(P, k) for k in dir(P) if not k.startswith("__")})
-    shim.grid = lambda *a, **kw: {k: c for k, c in P.grid(*a, **kw).items() if k[1] == "mlp"}
-    ns = {"papyan2020": shim, "scale": "quick", "epochs": 2, "results": _fake_results(fake_dir)}
-    exec(blocks[0], ns)
-    assert len(ns["res0"]) == 1 and all(r.config.weight_decay == 0.0 for r in ns["res0"].values())
-    assert ns["res0"][("digits", "mlp")].final["epoch"] == 2
+    ns = {"papyan2020": P, "scale": "quick", "epochs": 2, "results": _fake_results(fake_dir)}
+    out = exec_last(blocks[0], ns)
+    assert list(ns["res0"]) == [("fashionmnist", "vgg11")]
+    assert ns["res0"][("fashionmnist", "vgg11")].config.weight_decay == 0.0
+    assert ns["res0"][("fashionmnist", "vgg11")].final["epoch"] == 2
+    assert len(out) == 1 and out[0]["run"] == "vgg11" and out[0]["NC1 no wd"] > 0
     exec(blocks[1], ns)
     h = ns["h"]
     assert (P.terminal_phase_onset(h, "imagenet"), P.terminal_phase_onset(h, "cifar10")) == (2, None)
     exec(blocks[2], ns)
-    assert ns["better"] + ns["worse"] <= len(ns["changes"]) == 6
+    assert ns["better"] + ns["worse"] <= len(ns["changes"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------- fidelity checks
+def _run(tmp_path, name, history, epochs=12):
+    c = P.grid("quick", epochs=epochs)[("fashionmnist", name)]
+    return RunResult(c, tmp_path / name, history, True)
+
+
+def _tpt_history(epochs, onset, nc1_fall, rising=None):
+    """Train accuracy 1 from ``onset``; NC1 falls by ``nc1_fall`` from the onset to the end; the measurement
+    named ``rising`` ends above its onset value, every other one below."""
+    recs = []
+    for e in epochs:
+        t = 0.0 if e <= onset else (e - onset) / (epochs[-1] - onset)
+        rec = {"epoch": e, "train_accuracy": 1.0 if e >= onset else 0.8, "test_accuracy": 0.7 + 0.01 * t,
+               "within_class_variability": 1.0 / nc1_fall ** t}
+        for k in P.TPT_FALLING:
+            rec[k] = (1 + t) if k == rising else 0.5 * (1 - 0.5 * t)
+        recs.append(rec)
+    return recs
+
+
+def test_terminal_phase_report_and_fidelity(tmp_path):
+    eps = list(range(1, 13))
+    good = {("fashionmnist", "vgg11"): _run(tmp_path, "vgg11", _tpt_history(eps, 3, 20.0))}
+    row, = P.terminal_phase_report(good)
+    assert row["tpt_onset"] == 3 and row["last_epoch"] == 12 and row["epochs"] == 12
+    assert row["nc1_at_onset"] == pytest.approx(1.0) and row["nc1_at_end"] == pytest.approx(1 / 20)
+    assert row["nc1_fall"] == pytest.approx(20.0)
+    assert row["test_accuracy_at_onset"] == pytest.approx(0.7) and row["test_accuracy_at_end"] == pytest.approx(0.71)
+    assert P.fidelity_failures(good, "quick") == []
+    # the same runs do not meet the medium scale's 100x
+    fails = P.fidelity_failures(good, "medium")
+    assert len(fails) == 1 and "NC1 fell 20x" in fails[0] and "100x" in fails[0]
+    bad = {("fashionmnist", "vgg11"): _run(tmp_path, "vgg11", _tpt_history(eps, 7, 20.0)),
+           ("fashionmnist", "resnet18"): _run(tmp_path, "resnet18", _tpt_history(eps, 2, 5.0, rising="self_duality")),
+           ("fashionmnist", "densenet40"): _run(tmp_path, "densenet40", _tpt_history(eps, 99, 20.0))}
+    fails = P.fidelity_failures(bad, "quick")
+    assert any("vgg11: zero training error only at epoch 7" in f for f in fails)
+    assert any("resnet18: NC1 fell 5x" in f for f in fails)
+    assert any("resnet18: self_duality ended at" in f for f in fails)
+    assert any("densenet40: never reached zero training error" in f for f in fails)
+    assert len(fails) == 4
+    with pytest.raises(ValueError, match="scale"):
+        P.fidelity_failures(good, "huge")

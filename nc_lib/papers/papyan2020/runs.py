@@ -28,7 +28,7 @@ from ...data import load_dataset
 from ...deepfool import robustness as deepfool_robustness
 from ...runs import RunResult, load_run, model_from_checkpoint, read_jsonl, run_dir
 from ...train import train
-from ...validation import check_int
+from ...validation import SCALES, check_choice, check_int
 from .grid import Key
 
 #: number of test images DeepFool attacks at each measurement (Papyan: 100)
@@ -167,3 +167,64 @@ def records_with_robustness(result: RunResult, with_robustness: bool) -> list[di
             if int(r["epoch"]) in rob:
                 r["robustness"] = rob[int(r["epoch"])]
     return recs
+
+
+# ----------------------------------------------------------------------------------------------
+# What the paper found, checked on the runs
+# ----------------------------------------------------------------------------------------------
+#: the measurements that Papyan et al. see falling through the whole terminal phase (besides NC1): the means'
+#: equinorm, equiangularity and maximal angle (NC2), the self-duality (NC3) and the test NCC mismatch (NC4)
+TPT_FALLING = ("equinorm_means", "equiangularity_means", "max_angle_means", "self_duality", "ncc_mismatch_test")
+#: the least factor by which NC1 must fall from the onset of the terminal phase to the last epoch, per scale: the
+#: paper's NC1 falls by two to three decades over its 230-340 epochs of terminal phase
+MIN_NC1_FALL = {"quick": 10.0, "medium": 100.0, "paper": 100.0}
+
+
+def terminal_phase_report(results: Mapping[Key, RunResult]) -> list[dict[str, Any]]:
+    """Per run: the TPT onset, and NC1, test accuracy and each of :data:`TPT_FALLING` at the onset and at the
+    last epoch, with NC1's fall = NC1(onset) / NC1(end). A run that never reaches zero training error has
+    onset None and no onset values."""
+    rows = []
+    for (ds, net), res in results.items():
+        if not res.history:
+            raise ValueError(f"run {res.path} ({ds}/{net}) has no measurement records; train it first.")
+        onset = terminal_phase_onset(res.history, ds)
+        at = next((r for r in res.history if int(r["epoch"]) == onset), None) if onset is not None else None
+        last = res.history[-1]
+        row: dict[str, Any] = {"dataset": ds, "network": net, "epochs": int(res.config.epochs), "tpt_onset": onset,
+                               "last_epoch": int(last["epoch"])}
+        for key, name in (("within_class_variability", "nc1"), ("test_accuracy", "test_accuracy"),
+                          *((k, k) for k in TPT_FALLING)):
+            row[f"{name}_at_onset"] = None if at is None else float(at[key])
+            row[f"{name}_at_end"] = float(last[key])
+        nc1_on, nc1_end = row["nc1_at_onset"], row["nc1_at_end"]
+        row["nc1_fall"] = None if nc1_on is None else (float("inf") if nc1_end <= 0 else nc1_on / nc1_end)
+        rows.append(row)
+    return rows
+
+
+def fidelity_failures(results: Mapping[Key, RunResult], scale: str) -> list[str]:
+    """What the runs fail to show of Papyan et al.'s findings (an empty list when they show all of it):
+
+    - every run reaches zero training error within the first half of its epochs;
+    - from the onset of the terminal phase to the last epoch NC1 falls at least :data:`MIN_NC1_FALL` [scale];
+    - each of :data:`TPT_FALLING` ends below its value at the onset.
+    """
+    scale = check_choice("scale", scale, SCALES)
+    out = []
+    for row in terminal_phase_report(results):
+        run = f"{row['dataset']}/{row['network']}"
+        onset, E = row["tpt_onset"], row["epochs"]
+        if onset is None:
+            out.append(f"{run}: never reached zero training error in {E} epochs")
+            continue
+        if onset > E / 2:
+            out.append(f"{run}: zero training error only at epoch {onset}, after the first half of {E} epochs")
+        if row["nc1_fall"] < MIN_NC1_FALL[scale]:
+            out.append(f"{run}: NC1 fell {row['nc1_fall']:.3g}x over the terminal phase "
+                       f"({row['nc1_at_onset']:.3g} -> {row['nc1_at_end']:.3g}), less than {MIN_NC1_FALL[scale]:g}x")
+        for k in TPT_FALLING:
+            if not row[f"{k}_at_end"] < row[f"{k}_at_onset"]:
+                out.append(f"{run}: {k} ended at {row[f'{k}_at_end']:.3g}, not below its "
+                           f"{row[f'{k}_at_onset']:.3g} at the onset (epoch {onset})")
+    return out
