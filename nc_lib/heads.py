@@ -209,7 +209,9 @@ class ImplicitETFHead(Head):
         if labels is None:
             raise ValueError("ImplicitETFHead needs the labels in training mode: call head(h, labels) "
                              "(its feature means are class means); in eval mode call head(h).")
-        Hbar, mu_G = self.tracker.update_normalised(f, labels)
+        # NaN or Inf in h: a ValueError from the tracker, before its state changes (one scalar check; on a GPU,
+        # one host sync)
+        Hbar, mu_G = self.tracker.update_normalised(f, labels, name="ImplicitETFHead: the features h")
         if bool(self.initialised):
             U_prox = self.U_prox.to(Hbar.dtype)
         else:

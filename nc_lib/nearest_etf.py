@@ -93,6 +93,28 @@ def _check_dC(name: str, X: Tensor) -> tuple[int, int]:
     return d, C
 
 
+def _nonfinite_message(name: str, X, where: str) -> str | None:
+    """None when ``X`` holds no NaN or Inf; else a message naming ``name``, with its counts of NaN and Inf."""
+    X = torch.as_tensor(X)
+    if not X.is_floating_point() or bool(torch.isfinite(X).all()):
+        return None
+    nan, inf = int(torch.isnan(X).sum()), int(torch.isinf(X).sum())
+    return (f"{name} contains NaN or Inf ({nan} NaN and {inf} Inf among its {X.numel()} entries): {where} needs "
+            "finite input. NaN or Inf features usually mean that training diverged (lower the learning rate).")
+
+
+def _check_finite(where: str, **tensors) -> None:
+    """ValueError naming the first of ``tensors`` (keyword = the argument's name; None is skipped) that holds
+    NaN or Inf, before the linear algebra fails on it with a LinAlgError or returns NaN. One
+    ``torch.isfinite(X).all()`` per tensor (a host sync on a GPU); the node's hot path uses a cheaper check
+    on a scalar it computes anyway and calls this only when that scalar is not finite."""
+    for name, X in tensors.items():
+        if X is not None:
+            msg = _nonfinite_message(name, X, where)
+            if msg is not None:
+                raise ValueError(msg)
+
+
 def apply_mt(X: Tensor) -> Tensor:
     """``X Mt`` with ``Mt = (I - 11^T/C)/sqrt(C-1)`` (REFERENCE Sec. 1, 4), in O(dC).
 
@@ -230,6 +252,12 @@ def polar_factor(Z: Tensor, method: str = "gram") -> tuple[Tensor, Tensor, Tenso
     check_choice("method", method, ("svd", "gram"))
     d, C = Z.shape
     check_dims(d, C)
+    _check_finite("polar_factor", Z=Z)
+    return _polar(Z, method)
+
+
+def _polar(Z: Tensor, method: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`polar_factor` without its checks (for callers that checked Z already)."""
     if method == "gram":
         out = _polar_gram(Z.to(torch.float64))
         if out is not None:
@@ -283,6 +311,7 @@ def riemannian_polar(Z: Tensor, U0: Tensor | None = None, *, max_iter: int = 30,
     """
     d, C = Z.shape
     check_dims(d, C)
+    _check_finite("riemannian_polar", Z=Z, U0=U0)
     max_iter = check_int("max_iter", max_iter, 0)
     if tol is None:
         tol = 1e-12 if Z.dtype == torch.float64 else 1e-6
@@ -387,9 +416,15 @@ def nearest_etf_solve(Hbar: Tensor, U_prox: Tensor | None = None, delta: float =
         raise ValueError(f"U_prox must have Hbar's shape {(d, C)}; got {tuple(U_prox.shape)}.")
     with torch.no_grad():
         Z = _procrustes_target(Hbar, U_prox, delta)
+        # Z is finite exactly when Hbar and (delta > 0) U_prox are: one scalar tells (a host sync on a GPU)
+        if not math.isfinite(float(Z.sum())):
+            _check_finite("the nearest-ETF node", Hbar=Hbar, U_prox=U_prox if delta > 0 else None)
+            if not bool(torch.isfinite(Z).all()):
+                raise ValueError(f"Z = Hbar Mt + (delta/2) U_prox overflows (delta={delta}): scale Hbar to unit norm.")
         if solver == "closed":
-            U, _, _ = polar_factor(Z, _auto_polar_method(Hbar.dtype, polar_method))
+            U, _, _ = _polar(Z, _auto_polar_method(Hbar.dtype, polar_method))
             return U.to(Hbar.dtype), 0
+        _check_finite("the nearest-ETF node", U_init=U_init)
         start = U_init if U_init is not None else U_prox
         U, it = riemannian_polar(Z, None if start is None else start.to(torch.float64), max_iter=max_iter, tol=tol)
         return U.to(Hbar.dtype), it
@@ -541,8 +576,19 @@ class NearestETFFunction(torch.autograd.Function):
         it = 0
         N = None
         U = None
+        # NaN or Inf in Hbar or U_prox: a clear error here, not a LinAlgError (or NaN) from the solver. Zc is finite
+        # exactly when they are; its Gram's trace ||Zc||_F^2 (computed anyway) or its sum is one scalar to check
+        # (a host sync on a GPU, where the Gram route syncs already); the full check runs only when it is not finite
+        gram = polar_method != "svd" and solver == "closed"
+        G = Zc.T @ Zc if gram else None
+        if not math.isfinite(float(G.trace() if gram else Zc.sum())):
+            _check_finite("the nearest-ETF node", Hbar=Hbar, U_prox=U_prox if delta > 0 else None)
+            if solver == "closed":  # finite but overflowing: the SVD copes
+                G, gram = None, False
+        if solver == "riemannian":
+            _check_finite("the nearest-ETF node", U_init=U_init)
         if solver == "closed":
-            out = _gram_kernel(Zc.T @ Zc, C) if polar_method != "svd" else None
+            out = _gram_kernel(G, C) if gram else None
             if out is not None:
                 N, S, B, cond2, iS = out
                 full_rank = True  # the Gram route resolved s_min
@@ -699,9 +745,14 @@ def _rows_to_hbar(V: Tensor, name: str) -> Tensor:
     C, d = V.shape
     check_dims(d, C, "the nearest simplex ETF of a (C x d) matrix")
     H = V.detach().to(torch.float64).mT
-    n = H.norm()
-    if not bool(n > 0):
-        raise ValueError(f"{name} is zero: it has no nearest ETF.")
+    n = float(H.norm())
+    if not 0 < n < math.inf:  # NaN or Inf in V, V = 0, or a norm that under- or overflows
+        _check_finite("the nearest simplex ETF (and the ETF distances)", **{name: V})
+        m = float(H.abs().max())
+        if m == 0:
+            raise ValueError(f"{name} is zero: it has no nearest ETF.")
+        H = H / m  # entries so small (or large) that their squares under- (or over-)flow
+        n = float(H.norm())
     return H / n
 
 
@@ -711,8 +762,13 @@ def nearest_etf(V: Tensor) -> Tensor:
     Markou's ETF distance problem: Hbar = V^T/||V||_F, U* = argmin_{U^T U = I} ||Hbar - U Mt||_F
     (delta = 0, closed form polar(Hbar Mt)); returns (U* Mt)^T. U* is not unique (Hbar Mt 1 = 0),
     but U* Mt is when Hbar Mt has rank C-1: the free column of U* is along 1, which Mt kills."""
-    H = _rows_to_hbar(V, "V")
-    U, _, _ = polar_factor(apply_mt(H), "svd")
+    return _nearest_etf_rows(V, "V")
+
+
+def _nearest_etf_rows(V: Tensor, name: str) -> Tensor:
+    """:func:`nearest_etf`; ``name`` is the argument its errors name."""
+    H = _rows_to_hbar(V, name)
+    U, _, _ = _polar(apply_mt(H), "svd")
     return apply_mt(U).mT
 
 
@@ -724,7 +780,7 @@ def nearest_etf_distance(V: Tensor, squared: bool = False) -> float:
     ETF; at most sqrt(2). ``squared=True`` returns the squared distance (the paper's objective).
     V is used as given (not centred): pass W, or the centred class means Mdot."""
     H = _rows_to_hbar(V, "V")
-    U, _, _ = polar_factor(apply_mt(H), "svd")
+    U, _, _ = _polar(apply_mt(H), "svd")
     dist = float((H - apply_mt(U)).norm())
     return dist * dist if squared else dist
 
@@ -732,7 +788,7 @@ def nearest_etf_distance(V: Tensor, squared: bool = False) -> float:
 def etf_distance_between(V1: Tensor, V2: Tensor, squared: bool = False) -> float:
     """Frobenius distance between the nearest ETFs of V1 and of V2 (C x d each), Markou's distance
     "between the W-ETF and the H-ETF" (``||U1 Mt - U2 Mt||_F``; the paper's code reports its square)."""
-    E1, E2 = nearest_etf(V1), nearest_etf(V2)
+    E1, E2 = _nearest_etf_rows(V1, "V1"), _nearest_etf_rows(V2, "V2")
     if E1.shape != E2.shape:
         raise ValueError(f"V1 and V2 must have the same shape; got {tuple(E1.shape)} and {tuple(E2.shape)}.")
     dist = float((E1 - E2).norm())
@@ -792,8 +848,10 @@ class FeatureMeanTracker(nn.Module):
                              f"[{int(labels.min())}, {int(labels.max())}].")
         return labels
 
-    def update_normalised(self, f: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """One step on already tau-normalised features ``f`` (B x d). Returns ``(Hbar, mu_G)``."""
+    def update_normalised(self, f: Tensor, labels: Tensor, *, name: str = "the features f") -> tuple[Tensor, Tensor]:
+        """One step on already tau-normalised features ``f`` (B x d). Returns ``(Hbar, mu_G)``.
+
+        NaN or Inf in ``f`` raise a ValueError (``name`` is what it calls ``f``) before the state changes."""
         labels = self._check(f, labels)
         C = self.num_classes
         counts = torch.bincount(labels, minlength=C)
@@ -813,17 +871,37 @@ class FeatureMeanTracker(nn.Module):
         means = sums / counts.clamp_min(1).to(f.dtype)[:, None]
         H_prev = self.H.to(f.dtype)
         X = torch.where((counts > 0)[None, :], (means - mu_G).mT, H_prev)
+        a = self.rate(int(self.step) + 1)
+        H = a * X + (1.0 - a) * H_prev
+        # a NaN or Inf feature makes its class mean and mu_G, so H, non-finite: one scalar of the small d x C H
+        # tells (a host sync on a GPU, as the step and the labels' range above), before the state is touched
+        if not math.isfinite(float(H.detach().sum())):
+            self._raise_nonfinite(f, H_prev, name)
         with torch.no_grad():
             self.step += 1
-        a = self.rate(int(self.step))
-        H = a * X + (1.0 - a) * H_prev
-        with torch.no_grad():
             self.H.copy_(H.detach())
         return H / H.norm(), mu_G
 
+    def _raise_nonfinite(self, f: Tensor, H_prev: Tensor, name: str) -> None:
+        """The ValueError for a non-finite H: which of ``f`` (its rows), the state, or another rank holds NaN or Inf."""
+        bad = ~torch.isfinite(f).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{name[0].upper()}{name[1:]} contain NaN or Inf, in {len(rows)} of the {f.shape[0]} "
+                             f"rows of the batch (rows {rows[:10]}{' ...' if len(rows) > 10 else ''}): the class "
+                             "means, and the nearest ETF solved from them, need finite features. NaN or Inf features "
+                             "usually mean that training diverged (lower the learning rate); the tracker's state was "
+                             "left unchanged.")
+        if not bool(torch.isfinite(H_prev).all()):
+            raise ValueError("the running class means H of the FeatureMeanTracker contain NaN or Inf (a state_dict "
+                             "holding NaN?): reset them, or load a finite state.")
+        if self.across_ranks:
+            raise ValueError(f"The features of another process contain NaN or Inf ({name} here are finite; the "
+                             "class means are summed over the ranks): see the error on that rank.")
+
     def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Normalise the raw features and update: returns ``(Hbar (d x C), mu_G (d,))``."""
-        return self.update_normalised(self.normalise(h), labels)
+        return self.update_normalised(self.normalise(h), labels, name="the features h")
 
     def hbar(self) -> Tensor:
         """The current Hbar = H/||H||_F (no gradient)."""

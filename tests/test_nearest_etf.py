@@ -172,6 +172,99 @@ def test_d_smaller_than_C_raises():
         nearest_etf_solve(_hbar(6, 3, 0), solver="newton")
 
 
+# --------------------------------------------------------------------------- NaN or Inf input: a clear error, early
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _spoilt(X: torch.Tensor, value: float, where: tuple[int, int] = (2, 1)) -> torch.Tensor:
+    X = X.clone()
+    X[where] = value
+    return X
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's, on the NaN, before the error
+@pytest.mark.parametrize("bad", sorted(NONFINITE))
+@pytest.mark.parametrize("solver", ["closed", "riemannian"])
+@pytest.mark.parametrize("argument", ["Hbar", "U_prox"])
+def test_node_rejects_nan_or_inf_naming_the_argument(argument, solver, bad, backend):
+    """NaN or Inf in Hbar or U_prox: a ValueError naming it, not a LinAlgError from the eigensolver or the SVD."""
+    Hbar, Up = _hbar(9, 4, 40), _stiefel(9, 4, 41)
+    args = {"Hbar": Hbar, "U_prox": Up}
+    args[argument] = _spoilt(args[argument], NONFINITE[bad])
+    with pytest.raises(ValueError, match=f"^{argument} contains NaN or Inf .*the nearest-ETF node needs finite input"):
+        nearest_etf_node(args["Hbar"].requires_grad_(), args["U_prox"], 1e-3, solver=solver)
+    with pytest.raises(ValueError, match=f"^{argument} contains NaN or Inf"):
+        nearest_etf_solve(args["Hbar"].detach(), args["U_prox"], 1e-3, solver=solver)
+
+
+def test_solvers_reject_nan_or_inf_naming_the_argument():
+    Hbar, Up = _hbar(9, 4, 42), _stiefel(9, 4, 43)
+    nan = float("nan")
+    with pytest.raises(ValueError, match="^Hbar contains NaN or Inf .1 NaN and 0 Inf among its 36 entries"):
+        nearest_etf_solve(_spoilt(Hbar, nan), None, 0.0)  # no proximal term: the metrics' solve
+    with pytest.raises(ValueError, match="^U_init contains NaN or Inf"):
+        nearest_etf_solve(Hbar, Up, 1e-3, solver="riemannian", U_init=_spoilt(Up, nan))
+    with pytest.raises(ValueError, match="^U_init contains NaN or Inf"):
+        nearest_etf_node(Hbar, Up, 1e-3, solver="riemannian", U_init=_spoilt(Up, nan))
+    Z = apply_mt(Hbar)
+    for method in ("gram", "svd"):
+        with pytest.raises(ValueError, match="^Z contains NaN or Inf .*polar_factor"):
+            polar_factor(_spoilt(Z, float("inf")), method)
+    with pytest.raises(ValueError, match="^Z contains NaN or Inf .*riemannian_polar"):
+        riemannian_polar(_spoilt(Z, nan))
+    with pytest.raises(ValueError, match="^U0 contains NaN or Inf .*riemannian_polar"):
+        riemannian_polar(Z, _spoilt(Up, nan))
+    # with delta = 0 the proximal term is not used: a NaN in U_prox does not matter
+    U, _ = nearest_etf_solve(Hbar, _spoilt(Up, nan), 0.0)
+    assert torch.isfinite(U).all()
+
+
+def test_nearest_etf_distance_of_nan_says_nan_not_zero():
+    V = torch.randn(4, 9, dtype=F64, generator=torch.Generator().manual_seed(44))
+    for bad in NONFINITE.values():
+        with pytest.raises(ValueError, match="^V contains NaN or Inf .*ETF distances"):
+            nearest_etf_distance(_spoilt(V, bad))
+        with pytest.raises(ValueError, match="^V contains NaN or Inf"):
+            nearest_etf(_spoilt(V, bad))
+        with pytest.raises(ValueError, match="^V2 contains NaN or Inf"):
+            etf_distance_between(V, _spoilt(V, bad))
+    with pytest.raises(ValueError, match="^V is zero"):  # a zero matrix still says so
+        nearest_etf_distance(torch.zeros(4, 9))
+    # entries whose squares under- or overflow are neither NaN nor zero: the same distance as at unit scale
+    dist = nearest_etf_distance(V)
+    for scale in (1e-200, 1e200):
+        assert nearest_etf_distance(scale * V) == pytest.approx(dist, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", sorted(NONFINITE))
+def test_implicit_head_rejects_nan_or_inf_features_and_keeps_its_state(bad):
+    """h with NaN or Inf: a ValueError naming h and its rows, raised before the tracker's state changes."""
+    torch.manual_seed(45)
+    d, C, B = 8, 4, 16
+    y = torch.arange(B) % C
+    h_bad = _spoilt(torch.randn(B, d), NONFINITE[bad], (5, 3))
+    fresh = ImplicitETFHead(d, C)
+    with pytest.raises(ValueError, match=r"^ImplicitETFHead: the features h contain NaN or Inf, in 1 of the 16 rows "
+                                         r"of the batch \(rows \[5\]\)"):
+        fresh(h_bad, y)  # the first batch
+    assert int(fresh.tracker.step) == 0 and not bool(fresh.initialised)
+    head = ImplicitETFHead(d, C)
+    head(torch.randn(B, d), y)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match="^ImplicitETFHead: the features h contain NaN or Inf"):
+        head(h_bad.requires_grad_(), y)  # a later batch
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    out = head(torch.randn(B, d), y)  # the head goes on with finite features
+    assert torch.isfinite(out).all() and int(head.tracker.step) == 2
+    tracker = FeatureMeanTracker(d, C)
+    with pytest.raises(ValueError, match=r"^The features h contain NaN or Inf.*rows \[5\]"):
+        tracker(h_bad.detach(), y)
+    with pytest.raises(ValueError, match=r"^The features f contain NaN or Inf"):
+        tracker.update_normalised(h_bad.detach(), y)
+    assert int(tracker.step) == 0 and not tracker.H.any()
+
+
 # --------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("collapsed", [False, True])
 def test_polar_backward_matches_dense_kkt(collapsed, backend):
