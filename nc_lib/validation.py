@@ -48,9 +48,12 @@ def check_nonnegative(name: str, value: Any) -> float:
 
 def check_positive(name: str, value: Any) -> float:
     """Return ``value`` as a float > 0, else raise a ValueError naming it."""
-    value = check_nonnegative(name, value)
-    if value == 0:
-        raise ValueError(f"{name} must be > 0, got 0.")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    if not value > 0:  # also catches NaN
+        raise ValueError(f"{name} must be > 0, got {value}.")
     return value
 
 
