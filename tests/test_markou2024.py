@@ -63,7 +63,9 @@ def test_real_grid_paper_settings():
         assert e["dataset"] == "fashionmnist" and e["model"] == g[key]["model"]  # the paper's networks, narrow
         assert e["config"]["width"] < 1 and e["per_class"] <= 100 and e["epochs"] <= 12
         assert e["report_epochs"][1] == e["epochs"] and e["report_epochs"][0] * 4 == e["epochs"]
-        assert "Fashion-MNIST" in mk.real_note(e) and f"{e['per_class']} images per class" in mk.real_note(e)
+        assert e["config"]["test_per_class"] == mk.QUICK_TEST_PER_CLASS
+        note = mk.real_note(e)
+        assert "Fashion-MNIST" in note and f"{e['per_class']} training and {mk.QUICK_TEST_PER_CLASS} test images per class" in note
     # Fashion-MNIST has 10 classes: the CIFAR100 ResNet50 stand-in is the ImageNet one (the same runs)
     assert mk.grid("quick")["cifar100_resnet50"] == mk.grid("quick")["fig4"]
 

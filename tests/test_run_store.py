@@ -277,7 +277,7 @@ def test_a_bad_run_leaves_no_orphan_directory(monkeypatch):
 # ---------------------------------------------------------------- TrainConfig at construction
 @pytest.mark.parametrize("kw, match", [
     (dict(width=0), "width must be > 0"),
-    (dict(width=-1.0), "width must be >= 0"),
+    (dict(width=-1.0), "width must be > 0"),
     (dict(per_class=0), "per_class must be >= 1"),
     (dict(test_per_class=0), "test_per_class must be >= 1"),
     (dict(head="bogus"), r"head='bogus' is not valid; choose one of \[.*'linear'"),

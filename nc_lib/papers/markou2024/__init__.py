@@ -23,7 +23,8 @@ One module per part of the reproduction; their public names are exported here (`
 * ``__main__`` -- ``python -m nc_lib.papers.markou2024 ufm --scale paper --device cuda [--only ufm1000]
   [--methods implicit_etf] [--json out.json]`` trains the UFM grid from the command line.
 """
-from .grid import (ENGINE_HEADS, LABELS, MAIN_METHODS, METHODS, NOTEBOOK, OPTIMIZERS, PAPER, PAPER_UFM, SCALES, TAU,
+from .grid import (ENGINE_HEADS, LABELS, MAIN_METHODS, METHODS, NOTEBOOK, OPTIMIZERS, PAPER, PAPER_UFM, QUICK_TEST_PER_CLASS,
+                   SCALES, TAU,
                    UFMSetting, grid, make_head, real_grid, real_note, train_config, ufm_config, ufm_grid)
 from .runs import RECORD_KEYS, run_real, run_ufm, run_ufm_grid, ufm_summary
 from .cost import measure_cost, measure_memory, solver_convergence
@@ -32,7 +33,8 @@ from .figures import (LOG_PANELS, PANELS, accuracy_note, accuracy_table, figure_
                       first_full_accuracy, memory_table, table_html)
 
 __all__ = [
-    "ENGINE_HEADS", "LABELS", "MAIN_METHODS", "METHODS", "NOTEBOOK", "OPTIMIZERS", "PAPER", "PAPER_UFM", "SCALES", "TAU",
+    "ENGINE_HEADS", "LABELS", "MAIN_METHODS", "METHODS", "NOTEBOOK", "OPTIMIZERS", "PAPER", "PAPER_UFM", "QUICK_TEST_PER_CLASS",
+    "SCALES", "TAU",
     "UFMSetting", "grid", "make_head", "real_grid", "real_note", "train_config", "ufm_config", "ufm_grid",
     "RECORD_KEYS", "run_real", "run_ufm", "run_ufm_grid", "ufm_summary",
     "measure_cost", "measure_memory", "solver_convergence",

@@ -117,6 +117,9 @@ QUICK_RESNET_WIDTH = 0.125
 #: quick random-label experiment (Fig. 4): images per class and epochs
 QUICK_RL_PER_CLASS = 50
 QUICK_RL_EPOCHS = 30
+#: quick random-label MLPs: the widths at depth 3, and the width of the depth sweep (2048 took 76 of the 100 s of Fig. 4)
+QUICK_RL_WIDTHS = (128, 512, 1024)
+QUICK_RL_DEPTH_WIDTH = 1024
 #: medium scale: Fashion-MNIST images per class (test set whole) and the factor on every width
 MEDIUM_PER_CLASS = 200
 MEDIUM_WIDTH = 0.25
@@ -148,10 +151,11 @@ def quick_grid() -> dict[str, dict[str, TrainConfig]]:
               step_size=max(1, rl_epochs // 3), gamma=0.1, augment=False,
               measure_epochs=tuple(range(3, rl_epochs + 1, 3)), **q)
     fig4: dict[str, TrainConfig] = {}
-    for w in (128, 512, 2048):
+    for w in QUICK_RL_WIDTHS:
         fig4[f"MLP width {w}, depth 3"] = TrainConfig(model="mlp", model_kwargs={"hidden": w, "depth": 3}, **rl)
+    dw = QUICK_RL_DEPTH_WIDTH
     for dp in (1, 6):
-        fig4[f"MLP width 2048, depth {dp}"] = TrainConfig(model="mlp", model_kwargs={"hidden": 2048, "depth": dp}, **rl)
+        fig4[f"MLP width {dw}, depth {dp}"] = TrainConfig(model="mlp", model_kwargs={"hidden": dw, "depth": dp}, **rl)
     for w in (0.125, 0.25):
         fig4[f"ResNet18 width {w:g}"] = TrainConfig(model="resnet18", width=w, model_kwargs={"stem": "imagenet"}, **rl)
 
@@ -226,7 +230,8 @@ def note(experiment: str, scale: str) -> str:
             f"{w:g} (d = {int(512 * w)}) with the ImageNet stem, {E} epochs instead of 200, lr 0.05 x0.1 every {E // 3} "
             f"epochs instead of every 40, measured every 3 epochs")
     rl = (f"Quick: Fashion-MNIST with random labels ({QUICK_RL_PER_CLASS} per class) instead of CIFAR10; MLPs of widths "
-          f"128/512/2048 at depth 3 and of depths 1/3/6 at width 2048 (paper: widths 512-2048 at depth 6, depths 1-9), "
+          f"{'/'.join(map(str, QUICK_RL_WIDTHS))} at depth 3 and of depths 1/3/6 at width {QUICK_RL_DEPTH_WIDTH} "
+          f"(paper: widths 512-2048 at depth 6, depths 1-9), "
           f"ResNet18 widths 1/8 and 1/4 with the ImageNet stem (paper 0.25-2, CIFAR stem); {QUICK_RL_EPOCHS} epochs "
           f"instead of 200, lr 0.01 x0.1 every {QUICK_RL_EPOCHS // 3} epochs instead of every 40, measured every 3.")
     return {
