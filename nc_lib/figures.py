@@ -192,6 +192,12 @@ def _write_png(fig: Any, path: Path) -> bool:
     return True
 
 
+def write_png(fig: Any, path: str | Path) -> bool:
+    """Write ``fig`` as a static PNG at ``path`` (atomically, through kaleido and a Chromium); False, with a one-line
+    message, where there is no Chromium."""
+    return _write_png(fig, Path(path))
+
+
 @functools.lru_cache(maxsize=1)
 def _plotlyjs_bundle() -> bytes:
     from plotly.offline import get_plotlyjs
