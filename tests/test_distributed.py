@@ -216,6 +216,26 @@ def test_implicit_etf_head_across_ranks_matches_single_process(tmp_path, monkeyp
         assert float((a[name] - b[name]).abs().max()) <= 0.02 * float(b[name].abs().max()), name
 
 
+def test_mse_loss_across_ranks_matches_single_process(tmp_path, monkeypatch):
+    """TrainConfig(loss="mse") (Papyan's Colab, Han et al. 2022) trains the same run on two ranks as in one process."""
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 2, "batch_norm": False},
+                      loss="mse", per_class=30, test_per_class=10, epochs=2, batch_size=64, lr=0.05,
+                      snapshot_per_class=0, device="cpu")
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps(cfg.to_dict()))
+    out = _torchrun(f, tmp_path / "ddp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
+    ddp_run = load_run(cfg)
+    assert ddp_run.config.loss == "mse"
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
+    single = train(cfg, progress=False)
+    for k in ("train_loss", "test_loss", "within_class_variability", "self_duality", "train_loss_running"):
+        assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
+    for (name, a), b in zip(ddp_run.model().state_dict().items(), single.model().state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="lbfgs"):
         D.train_distributed(TrainConfig(optimizer="lbfgs"))
