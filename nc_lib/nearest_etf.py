@@ -898,6 +898,8 @@ class FeatureMeanTracker(nn.Module):
         if self.across_ranks:
             raise ValueError(f"The features of another process contain NaN or Inf ({name} here are finite; the "
                              "class means are summed over the ranks): see the error on that rank.")
+        raise ValueError(f"The running class means overflow ({name} and the tracker's state are finite, but "
+                         "their class means are not representable): scale the features down.")
 
     def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Normalise the raw features and update: returns ``(Hbar (d x C), mu_G (d,))``."""

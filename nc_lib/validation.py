@@ -35,12 +35,16 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
     return value
 
 
-def check_nonnegative(name: str, value: Any) -> float:
-    """Return ``value`` as a float >= 0, else raise a ValueError naming it."""
+def _as_float(name: str, value: Any) -> float:
     try:
-        value = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}.") from None
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``value`` as a float >= 0, else raise a ValueError naming it."""
+    value = _as_float(name, value)
     if not value >= 0:  # also catches NaN
         raise ValueError(f"{name} must be >= 0, got {value}.")
     return value
@@ -48,10 +52,7 @@ def check_nonnegative(name: str, value: Any) -> float:
 
 def check_positive(name: str, value: Any) -> float:
     """Return ``value`` as a float > 0, else raise a ValueError naming it."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    value = _as_float(name, value)
     if not value > 0:  # also catches NaN
         raise ValueError(f"{name} must be > 0, got {value}.")
     return value

@@ -192,12 +192,8 @@ def test_ddp_training_with_torchrun_resumes_and_matches_single_process(tmp_path,
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
 
 
-def test_implicit_etf_head_across_ranks_matches_single_process(tmp_path, monkeypatch):
-    """Markou's implicit head tracks the global batch's class means on every rank (a differentiable all-reduce),
-    so two ranks train the single-process run."""
-    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 2, "batch_norm": False},
-                      head="implicit_etf", stratified_batches=True, per_class=30, test_per_class=10, epochs=2,
-                      batch_size=60, lr=0.05, snapshot_per_class=2, device="cpu")
+def _two_ranks_and_one_process(cfg, tmp_path, monkeypatch):
+    """``cfg`` trained on two torchrun ranks (gloo) and in one process: the two finished runs."""
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps(cfg.to_dict()))
     out = _torchrun(f, tmp_path / "ddp")
@@ -205,7 +201,16 @@ def test_implicit_etf_head_across_ranks_matches_single_process(tmp_path, monkeyp
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
     ddp_run = load_run(cfg)
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
-    single = train(cfg, progress=False)
+    return ddp_run, train(cfg, progress=False)
+
+
+def test_implicit_etf_head_across_ranks_matches_single_process(tmp_path, monkeypatch):
+    """Markou's implicit head tracks the global batch's class means on every rank (a differentiable all-reduce),
+    so two ranks train the single-process run."""
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 2, "batch_norm": False},
+                      head="implicit_etf", stratified_batches=True, per_class=30, test_per_class=10, epochs=2,
+                      batch_size=60, lr=0.05, snapshot_per_class=2, device="cpu")
+    ddp_run, single = _two_ranks_and_one_process(cfg, tmp_path, monkeypatch)
     # float32 rounding differs (sums over ranks in another order) and the node amplifies it through the weakly
     # determined direction of U_prox (scale delta/2), so the runs agree to ~1e-3, not ~1e-6; the per-rank means
     # (across_ranks off) miss by 15% in the loss
@@ -221,15 +226,8 @@ def test_mse_loss_across_ranks_matches_single_process(tmp_path, monkeypatch):
     cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 32, "depth": 2, "batch_norm": False},
                       loss="mse", per_class=30, test_per_class=10, epochs=2, batch_size=64, lr=0.05,
                       snapshot_per_class=0, device="cpu")
-    f = tmp_path / "cfg.json"
-    f.write_text(json.dumps(cfg.to_dict()))
-    out = _torchrun(f, tmp_path / "ddp")
-    assert out.returncode == 0, out.stderr[-3000:]
-    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
-    ddp_run = load_run(cfg)
+    ddp_run, single = _two_ranks_and_one_process(cfg, tmp_path, monkeypatch)
     assert ddp_run.config.loss == "mse"
-    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
-    single = train(cfg, progress=False)
     for k in ("train_loss", "test_loss", "within_class_variability", "self_duality", "train_loss_running"):
         assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
     for (name, a), b in zip(ddp_run.model().state_dict().items(), single.model().state_dict().values()):

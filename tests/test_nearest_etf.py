@@ -552,3 +552,13 @@ def test_heads_and_sampler_moved_out_still_import_with_a_deprecation_warning():
     assert old is ImplicitETFHead
     with pytest.raises(AttributeError):
         ne_module.no_such_name
+
+
+def test_tracker_refuses_class_means_that_overflow():
+    """Finite but huge float32 features whose class sums overflow: an error, not a silent non-finite state."""
+    d, C, B = 8, 4, 16
+    y = torch.arange(B) % C
+    tracker = FeatureMeanTracker(d, C)
+    with pytest.raises(ValueError, match="^The running class means overflow"):
+        tracker.update_normalised(torch.full((B, d), 3e38), y)
+    assert int(tracker.step) == 0 and not tracker.H.any()
