@@ -41,13 +41,20 @@ PAPYAN_EPOCHS: tuple[int, ...] = (
 PAPYAN_LRS: tuple[float, ...] = tuple(float(v) for v in np.logspace(math.log10(1e-4), math.log10(0.25), 25))
 
 #: config fields that do not change the numbers of a run (left out of its hash)
-UNHASHED_FIELDS = ("keep_all_checkpoints", "eval_batch_size")
+UNHASHED_FIELDS = ("keep_all_checkpoints", "eval_batch_size", "data_placement")
+
+#: where an in-memory dataset is served from (``TrainConfig.data_placement``): "auto" holds it on the training
+#: device when its raw arrays fit in :data:`DEVICE_DATA_FRACTION` of the device's free memory (always on the CPU,
+#: where it already lives), "device" always, "host" keeps it in host memory (batches copied per step)
+DATA_PLACEMENTS = ("auto", "device", "host")
+#: the largest share of an accelerator's free memory that ``data_placement="auto"`` fills with a run's data
+DEVICE_DATA_FRACTION = 0.25
 
 #: fields added after runs were stored: left out of the hash while they hold these defaults, so the
 #: hash (and run directory) of every configuration written before they existed stays the same
 HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0, "loss": "ce",
                                          "class_counts": None, "imbalance_ratio": 1.0,
-                                         "imbalance_profile": "step"}
+                                         "imbalance_profile": "step", "channels_last": False, "compile": False}
 
 
 @dataclass
@@ -56,6 +63,12 @@ class TrainConfig:
 
     ``optimizer``: one of :data:`OPTIMIZERS` (``"agd"``: see :mod:`nc_lib.train`, with
     ``agd_gain``). ``stratified_batches``: every class in every training batch (:mod:`nc_lib.train`).
+
+    Throughput (none changes what a run measures; Papyan's protocol is the default float32 path):
+    ``amp``: bfloat16 autocast of the training passes on CUDA (measurements always run in float32).
+    ``channels_last``: convolutional networks and their inputs in NHWC memory order. ``compile``:
+    ``torch.compile`` of the network's body for training. ``data_placement``: see :data:`DATA_PLACEMENTS`
+    and :func:`place_run_data` (the same batches either way, so it is not part of the run's hash).
     """
 
     # data
@@ -101,6 +114,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    data_placement: str = "auto"
     tag: str = ""
     eval_batch_size: int = 512
     keep_all_checkpoints: bool = False
@@ -111,6 +127,10 @@ class TrainConfig:
         self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
         self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
         self.device = check_choice("device", self.device, DEVICES)
+        self.data_placement = check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
+        for flag in ("amp", "channels_last", "compile", "augment", "random_labels", "keep_all_checkpoints"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         check_positive("lr", self.lr)
         check_nonnegative("momentum", self.momentum)
         check_nonnegative("weight_decay", self.weight_decay)
@@ -311,3 +331,59 @@ def build_run_model(config: TrainConfig, device: torch.device, info: dict[str, A
     model = build_model(config.model, num_classes=info["num_classes"], input_shape=tuple(info["input_shape"]),
                         width=config.width, feature_dim=config.feature_dim, head=config.head, **config.model_kwargs)
     return model.to(device)
+
+
+def grid_amp(scale: str, amp: bool | None) -> bool:
+    """Whether a paper's grid at ``scale`` trains with bfloat16 autocast (``TrainConfig.amp``): ``amp`` when
+    given, else True at the paper scale (GPU runs; every measurement still in float32) and False at the quick and
+    medium scales, which keep the papers' float32 protocol. ``amp=False`` at paper scale is Papyan's float32."""
+    if amp is not None and not isinstance(amp, bool):
+        raise ValueError(f"amp must be True, False or None (the scale's default), got {amp!r}.")
+    return scale == "paper" if amp is None else amp
+
+
+def data_bytes(dataset: Any) -> int:
+    """Bytes of an in-memory dataset's raw arrays (inputs and labels); 0 for one read from files."""
+    from .data import ArrayDataset
+
+    if not isinstance(dataset, ArrayDataset):
+        return 0
+    return dataset.raw.numel() * dataset.raw.element_size() + dataset.targets.numel() * 8
+
+
+def place_run_data(config: TrainConfig, datasets: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    """``datasets`` where ``config.data_placement`` serves them from (:data:`DATA_PLACEMENTS`).
+
+    In-memory datasets (:class:`nc_lib.data.ArrayDataset`: every dataset but ImageNet) move to ``device``
+    as their raw arrays (uint8 images stay uint8); batches are then indexed, standardised and augmented
+    there, with no host-to-device copy per step and no DataLoader workers. The batches are the same
+    numbers either way: the order is a function of (seed, epoch), the augmentation draws from the CPU
+    generator. "auto" moves them when together they fit in :data:`DEVICE_DATA_FRACTION` of the device's
+    free memory; on the CPU they already live where they are served. "device" moves them always (a
+    ValueError for a dataset read from files); "host" never."""
+    from .data import ArrayDataset
+
+    in_memory = all(isinstance(d, ArrayDataset) for d in datasets)
+    if config.data_placement == "device" and not in_memory:
+        raise ValueError(f"data_placement='device' needs in-memory datasets; dataset {config.dataset!r} is read from "
+                         "files; use data_placement='auto' or 'host'.")
+    if config.data_placement == "host" or device.type == "cpu" or not in_memory:
+        return datasets
+    if config.data_placement == "auto":
+        if device.type != "cuda":
+            return datasets  # e.g. MPS, which cannot say how much memory is free: the host path unless asked
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(data_bytes(d) for d in datasets) > DEVICE_DATA_FRACTION * free:
+            return datasets
+    return tuple(d.to(device) for d in datasets)
+
+
+def prepare_for_training(model: Classifier, config: TrainConfig, device: torch.device) -> Classifier:
+    """``model`` with the config's throughput options, in place: ``channels_last`` (NHWC weights, for the
+    convolutional families; an MLP is left as it is) and ``compile`` (``torch.compile`` of the body,
+    through ``nn.Module.compile`` so that its state_dict and checkpoints keep their keys)."""
+    if config.channels_last and model_family(config.model) != "mlp":
+        model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model.body.compile()
+    return model

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from . import features
 from .agd import AGD, agd_parameters, reset_frozen_parameters
-from .config import PAPYAN_LRS, TrainConfig, build_run_model, load_run_data, resolve_device
+from .config import (PAPYAN_LRS, TrainConfig, build_run_model, load_run_data, place_run_data, prepare_for_training,
+                     resolve_device)
 from .data import make_loader, set_loader_epoch, without_augmentation
 from .deprecation import moved_names
 from .models import Classifier
@@ -187,6 +188,8 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     steps = 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if lbfgs:
             def closure() -> Tensor:
                 opt.zero_grad(set_to_none=True)
@@ -280,9 +283,9 @@ def _train_locked(config: TrainConfig, path: Path, *, progress: bool,
     device = resolve_device(config.device)
     write_run_start(path, config, device)
 
-    train_set, test_set = load_run_data(config)
+    train_set, test_set = place_run_data(config, load_run_data(config), device)
     C = train_set.num_classes
-    pin = device.type == "cuda"
+    pin = device.type == "cuda"  # host-resident batches only (make_loader ignores it for device-resident data)
     # a last batch of one sample would break batch norm in training mode: drop it in that case only
     # (stratified batches have balanced sizes)
     drop_last = len(train_set) % config.batch_size == 1 and len(train_set) > 1 and not config.stratified_batches
@@ -297,7 +300,7 @@ def _train_locked(config: TrainConfig, path: Path, *, progress: bool,
     np.random.seed(config.seed % (2 ** 32))
     random.seed(config.seed)
     model_info = {"num_classes": C, "input_shape": list(train_set.input_shape)}
-    model = build_run_model(config, device, model_info)
+    model = prepare_for_training(build_run_model(config, device, model_info), config, device)
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
     start = resume_checkpoint(path, model, opt, sched, config=config)
@@ -315,7 +318,7 @@ def _train_locked(config: TrainConfig, path: Path, *, progress: bool,
     def measure_one(epoch: int, ep: EpochResult) -> None:
         writer.measure(epoch, ep, model, opt, sched, device,
                        lambda: features.measure(model, eval_train, eval_test, C, device,
-                                                train_sample_pass=config.train_sample_pass, amp=use_amp),
+                                                train_sample_pass=config.train_sample_pass),  # float32 always
                        on_measure=on_measure)
 
     stopped = run_epochs(config, start, writer, train_one, measure_one, progress=progress,

@@ -112,3 +112,54 @@ def test_training_engine_on_cuda(amp, optimizer):
     assert run.finished and run.final["epoch"] == 2
     assert math.isfinite(run.final["within_class_variability"])
     assert run.model("cuda") is not None
+
+
+def _fake_conv(**kw):
+    from nc_lib.config import TrainConfig
+
+    base = dict(dataset="fake", model="resnet18", width=0.25, epochs=2, lr=0.01, batch_size=20, device="cuda",
+                augment=True, dataset_kwargs={"image_size": (3, 16, 16), "size": 60}, snapshot_per_class=1,
+                eval_batch_size=30)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_device_resident_data_gives_the_numbers_of_host_batches(tmp_path, monkeypatch):
+    """data_placement='auto' holds the fake set on the GPU; 'host' copies each batch: same crops, same run."""
+    from nc_lib.config import load_run_data, place_run_data
+    from nc_lib.train import train
+
+    cfg = _fake_conv()
+    placed = place_run_data(cfg, load_run_data(cfg), torch.device("cuda"))
+    assert all(d.device.type == "cuda" for d in placed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    on_device = train(cfg, progress=False).history
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "host"))
+    on_host = train(cfg.replace(data_placement="host"), progress=False).history
+    for a, b in zip(on_device, on_host, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["within_class_variability"] == pytest.approx(b["within_class_variability"], rel=1e-4)
+
+
+def test_an_amp_run_is_measured_in_float32():
+    from nc_lib import features
+    from nc_lib.config import load_run_data
+    from nc_lib.data import make_loader, without_augmentation
+    from nc_lib.train import train
+
+    cfg = _fake_conv(amp=True, channels_last=True)
+    run = train(cfg, progress=False)
+    train_set, test_set = load_run_data(cfg)
+    loaders = [make_loader(without_augmentation(d), 30) for d in (train_set, test_set)]
+    rec = features.measure(run.model("cuda"), *loaders, train_set.num_classes, torch.device("cuda"))[0]
+    assert rec["within_class_variability"] == pytest.approx(run.final["within_class_variability"], rel=1e-4)
+
+
+def test_an_inductor_compiled_body_trains_like_the_plain_one(tmp_path, monkeypatch):
+    from nc_lib.train import train
+
+    plain = train(_fake_conv(augment=False), progress=False).history
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "compiled"))
+    compiled = train(_fake_conv(augment=False, compile=True), progress=False).history
+    for a, b in zip(plain, compiled, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)

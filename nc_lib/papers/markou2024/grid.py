@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import TrainConfig
+from ...config import TrainConfig, grid_amp
 from ...heads import CosineHead, FixedETFHead, Head, ImplicitETFHead, LinearHead, NormalisedHead
 from ...ufm import UFMConfig
 from ...validation import SCALES, check_choice, check_int, check_positive, check_scale
@@ -187,7 +187,7 @@ REAL_ENTRIES = {"fig4": ("imagenet", "resnet50", "ImageNet ResNet50"),
                 "vgg13": ("cifar10", "vgg13", "CIFAR10 VGG13")}
 
 
-def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[str, Any]]:
+def real_grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None = None) -> dict[str, dict[str, Any]]:
     """Real-data settings keyed by the figure they feed: ``fig4`` (ImageNet ResNet50) and the appendix
     ``cifar10_resnet18``, ``cifar100_resnet50``, ``stl10``, ``vgg13``. Each holds ``dataset``, ``model``,
     ``epochs``, ``batch_size``, ``seeds``, ``methods``, ``report_epochs`` (the paper's 50 and 200, or the
@@ -201,6 +201,9 @@ def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[st
     CIFAR10 and STL10, VGG13 for VGG13), :data:`QUICK_PER_CLASS` per class (STL10: :data:`QUICK_STL10_PER_CLASS`),
     no augmentation, 12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds,
     :data:`QUICK_TEST_PER_CLASS` test images per class.
+
+    ``amp``: bfloat16 autocast of the training passes on a GPU (:func:`nc_lib.config.grid_amp`: on at paper scale
+    unless ``amp=False``; measurements stay float32).
 
     Every scale draws stratified batches (every class in every batch, as the paper) and trains with
     ``optimizer``: ``"agd"`` (the released scripts: automatic gradient descent, no lr, no schedule, no weight
@@ -223,6 +226,8 @@ def real_grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[st
         kw = {k: common[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                                      "schedule", "milestones", "augment")}
         kw.update(measure_epochs=measure, train_sample_pass=True, stratified_batches=True)
+        if grid_amp(scale, amp):
+            kw["amp"] = True
         if optimizer == "agd":
             kw.update(optimizer="agd", weight_decay=0.0, schedule="none", milestones=())
         per_class = None
@@ -279,8 +284,8 @@ def train_config(entry: dict[str, Any], method: str, seed: int) -> TrainConfig:
     return TrainConfig(head=ENGINE_HEADS[method], seed=seed, tag=PAPER, **entry["config"])
 
 
-def grid(scale: str = "quick", optimizer: str = "agd") -> dict[str, dict[str, Any]]:
+def grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None = None) -> dict[str, dict[str, Any]]:
     """Every real-data run as ``{entry: {"<method> seed <s>": TrainConfig}}`` (for :mod:`nc_lib.cluster`:
-    ``python -m nc_lib.cluster dry-run --paper markou2024 --scale paper``)."""
+    ``python -m nc_lib.cluster dry-run --paper markou2024 --scale paper``). ``amp``: see :func:`real_grid`."""
     return {key: {f"{m} seed {seed}": train_config(e, m, seed) for m in e["methods"] for seed in e["seeds"]}
-            for key, e in real_grid(scale, optimizer).items()}
+            for key, e in real_grid(scale, optimizer, amp=amp).items()}

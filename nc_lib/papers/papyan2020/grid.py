@@ -113,7 +113,9 @@ def grid(scale: str = "quick", *, lrs: Mapping[Key, float] | None = None, epochs
     lrs: learning rate per key (e.g. from :func:`nc_lib.train.lr_sweep`); otherwise :data:`DEFAULT_LR`
     at paper scale and the network's rate in :data:`QUICK_NETWORKS` at quick scale. epochs: override the number of epochs
     (measurement epochs and lr milestones are rescaled with it). datasets: keep only these datasets.
-    overrides: any other TrainConfig field, for every run (e.g. ``device="cpu"``).
+    overrides: any other TrainConfig field, for every run (e.g. ``device="cpu"``). At paper scale the runs train
+    with bfloat16 autocast on a GPU (``amp=True``; every measurement is float32); ``amp=False`` is Papyan's
+    float32 training. Quick and medium keep float32.
     """
     scale = check_choice("scale", scale, SCALES)
     lrs = dict(lrs or {})
@@ -140,7 +142,7 @@ def grid(scale: str = "quick", *, lrs: Mapping[Key, float] | None = None, epochs
                 kw: dict[str, Any] = {}
                 if family(net) == "resnet":
                     kw["stem"] = "imagenet" if ds == "imagenet" else "cifar"
-                cfg = dict(per_class=PAPER_PER_CLASS.get(ds), model_kwargs=kw, tag="papyan2020")
+                cfg = dict(per_class=PAPER_PER_CLASS.get(ds), model_kwargs=kw, tag="papyan2020", amp=True)
                 # his Colab's list of 50 epochs at 350 epochs; rescaled for 300 (ImageNet) or an override
                 cfg["measure_epochs"] = PAPYAN_EPOCHS if E == 350 else papyan_measure_epochs(E)
                 cfg.update(overrides)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...config import TrainConfig
+from ...config import TrainConfig, grid_amp
 from ...validation import SCALES, check_choice, check_scale
 
 EXPERIMENTS = ("fig3", "fig3_mnist", "fig4", "fig5", "fig6", "fig6_resnet50")
@@ -193,11 +193,15 @@ def _medium_label(label: str, cfg: TrainConfig) -> str:
     return f"ResNet18 width {cfg.width:g}"
 
 
-def grid(scale: str = "quick") -> dict[str, dict[str, TrainConfig]]:
+def grid(scale: str = "quick", *, amp: bool | None = None) -> dict[str, dict[str, TrainConfig]]:
     """Experiment name (one of :data:`EXPERIMENTS`) -> {curve label -> TrainConfig} at ``scale``
-    (one of :data:`nc_lib.validation.SCALES`)."""
+    (one of :data:`nc_lib.validation.SCALES`). ``amp``: bfloat16 autocast of the training passes on a GPU
+    (:func:`nc_lib.config.grid_amp`: on at paper scale unless ``amp=False``, the paper's float32)."""
     check_scale(scale)
-    return {"quick": quick_grid, "medium": medium_grid, "paper": paper_grid}[scale]()
+    out = {"quick": quick_grid, "medium": medium_grid, "paper": paper_grid}[scale]()
+    if grid_amp(scale, amp):
+        out = {exp: {label: c.replace(amp=True) for label, c in runs.items()} for exp, runs in out.items()}
+    return out
 
 
 def note(experiment: str, scale: str) -> str:
