@@ -5,13 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SCALE ?= quick
 ONLY ?=
+JOBS ?= auto
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup figures book test lab chromium fashion-mnist bench clean-figures help
 
 help:
-	@echo "make figures [SCALE=quick|paper] [ONLY=<id or prefix>]  regenerate the figures"
+	@echo "make figures [SCALE=quick|medium|paper] [ONLY=<id or prefix>] [JOBS=auto|N]  regenerate the figures"
 	@echo "make book [SCALE=quick|paper]                           the executed notebooks as a static site in build/book/"
 	@echo "make test                                               run every test, notebooks included"
 	@echo "make lab                                                open JupyterLab on notebooks/"
@@ -35,7 +36,7 @@ fashion-mnist:
 	@bash tools/ensure_fashion_mnist.sh
 
 figures: setup
-	$(BIN)/python -m nc_lib.figures --scale $(SCALE) --only "$(ONLY)"
+	$(BIN)/python -m nc_lib.figures --scale $(SCALE) --only "$(ONLY)" --jobs $(JOBS)
 
 # The course as a static site in build/book/, from the notebooks `make figures` executed (nothing is re-run).
 BOOK_STAMP := $(VENV)/.book-stamp

@@ -9,11 +9,13 @@
 * Every file is written through :mod:`nc_lib.atomic_io` (a temporary file in the same folder, renamed
   into place): a writer killed halfway leaves the previous file and a manifest that lists only
   complete files; :func:`write_gallery` removes the temporaries such a writer left behind.
-* ``python -m nc_lib.figures --scale quick [--only ID_OR_PREFIX]`` (what ``make figures`` runs)
+* ``python -m nc_lib.figures --scale quick [--only ID_OR_PREFIX] [--jobs auto|N]`` (what ``make figures`` runs)
   executes the notebooks that own the requested ids with papermill, using the parameter preset
   ``notebooks/presets/<notebook>.<scale>.yaml``, writes the executed notebooks to
   ``build/notebooks/<scale>/``, reports each notebook's time, and regenerates the gallery
-  (``figures/index.html`` and ``figures/README.md``).
+  (``figures/index.html`` and ``figures/README.md``). ``--jobs`` notebooks run side by side, each in its own
+  process (auto: 2 at quick scale, whose presets train on one thread per notebook); the manifest is
+  updated under a lock.
 
 The catalogue (:data:`CATALOGUE`) is REFERENCE.md section 5: every id, its paper, its caption in
 our words, and the notebook that makes it.
@@ -21,6 +23,7 @@ our words, and the notebook that makes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import functools
@@ -33,11 +36,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .atomic_io import atomic_write_bytes, atomic_write_with, remove_stale_temporaries, temporary_path
 from .paths import REPO_ROOT, figures_dir
-from .validation import SCALES, check_choice
+from .validation import SCALES, check_choice, check_int
 
 PAPERS = {
     "papyan2020": "Papyan, Han, Donoho (2020), Prevalence of neural collapse during the terminal phase of deep learning training",
@@ -149,10 +152,26 @@ def _record(fig_id: str, files: list[str], scale: str, params: dict[str, Any] | 
     }
     if seconds is not None:
         record["seconds"] = round(float(seconds), 2)
-    manifest = read_manifest(out_dir)
-    manifest[fig_id] = record
-    atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    with _manifest_lock(out_dir):  # notebooks run side by side (``--jobs``): no record lost between read and write
+        manifest = read_manifest(out_dir)
+        manifest[fig_id] = record
+        atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return record
+
+
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock (``fcntl.flock`` on the figures folder itself: no lock file among the figures) around a
+    read-modify-write of the manifest; the operating system drops it when its holder dies."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 _CHROME_WARNED = False
@@ -414,14 +433,61 @@ def run_notebook(notebook: Path, scale: str, build_dir: Path, extra: dict[str, A
     return time.perf_counter() - t0
 
 
+def figure_jobs(jobs: str | int, scale: str) -> int:
+    """How many notebooks ``make figures`` runs side by side: ``jobs`` (an int >= 1), or "auto": 2 at quick scale
+    (its presets train on one thread per notebook) on a machine with at least 2 cores, else 1."""
+    if str(jobs) == "auto":
+        return 2 if scale == "quick" and (os.cpu_count() or 1) >= 2 else 1
+    text = str(jobs).strip()
+    try:
+        return check_int("jobs", int(text) if text.lstrip("-").isdigit() else jobs, 1)
+    except ValueError as err:
+        raise ValueError(f"{err} Give a number of notebooks >= 1 or 'auto'.") from None
+
+
+def run_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int = 1,
+                  extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Execute ``books`` with papermill at ``scale`` (:func:`run_notebook`, with the ``extra`` parameters),
+    ``jobs`` at a time, each in a process of its own; returns {notebook stem: seconds}. Every notebook runs even when one fails; then
+    the first failure is raised."""
+    timings: dict[str, float] = {}
+    if jobs == 1 or len(books) < 2:
+        for nb in books:
+            print(f"[figures] {nb.name} at scale {scale} ...", flush=True)
+            timings[nb.stem] = run_notebook(nb, scale, build_dir, extra)
+            print(f"[figures] {nb.name}: {timings[nb.stem]:.1f} s", flush=True)
+        return timings
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    errors: list[BaseException] = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        print(f"[figures] {len(books)} notebooks at scale {scale}, {jobs} at a time ...", flush=True)
+        futures = {nb: pool.submit(run_notebook, nb, scale, build_dir, extra) for nb in books}
+        for nb, fut in futures.items():
+            try:
+                timings[nb.stem] = fut.result()
+                print(f"[figures] {nb.name}: {timings[nb.stem]:.1f} s", flush=True)
+            except BaseException as err:  # noqa: BLE001 -- reported after the others finished
+                print(f"[figures] {nb.name} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                errors.append(err)
+    if errors:
+        raise errors[0]
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the figures of the kit by running its notebooks.")
     parser.add_argument("--scale", default="quick", help=f"one of {SCALES} (default quick)")
     parser.add_argument("--only", default="", help="a figure id, a paper prefix or a notebook name")
     parser.add_argument("--build", default=str(REPO_ROOT / "build" / "notebooks"))
+    parser.add_argument("--jobs", default="auto",
+                        help="notebooks run side by side: a number >= 1, or auto (2 at quick scale, whose notebooks "
+                             "train on one thread each, where the machine has 2 cores or more; else 1)")
     args = parser.parse_args(argv)
     try:
         check_choice("SCALE", args.scale, SCALES)
+        jobs = figure_jobs(args.jobs, args.scale)
         if Path(args.build).exists() and not Path(args.build).is_dir():
             raise ValueError(f"--build={args.build!r} is a file, not a folder; give the folder the executed "
                              "notebooks go to (default build/notebooks).")
@@ -429,15 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    timings: dict[str, float] = {}
-    for nb in books:
-        print(f"[figures] {nb.name} at scale {args.scale} ...", flush=True)
-        timings[nb.stem] = run_notebook(nb, args.scale, Path(args.build) / args.scale)
-        print(f"[figures] {nb.name}: {timings[nb.stem]:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    timings = run_notebooks(books, args.scale, Path(args.build) / args.scale, jobs)
+    wall = time.perf_counter() - t0
     gallery = write_gallery(timings=timings)
     manifest = read_manifest()
     print(f"[figures] {len(manifest)} of {len(CATALOGUE)} catalogue ids in {figures_dir() / 'manifest.json'}; "
-          f"total {sum(timings.values()):.1f} s; gallery: {gallery}")
+          f"{sum(timings.values()):.1f} s of notebooks in {wall:.1f} s ({jobs} at a time); gallery: {gallery}")
     print(f"[figures] executed notebooks in {Path(args.build) / args.scale}; `make book SCALE={args.scale}` builds "
           f"the course as a static site from them in {REPO_ROOT / 'build' / 'book'} (open index.html there).")
     return 0

@@ -230,3 +230,73 @@ def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
     assert (failed.value.ename, failed.value.evalue) == ("RuntimeError", "deliberate failure")
     assert "deliberate failure" in out.read_text()  # a failed run's notebook shows its error
     assert [p.name for p in build.iterdir()] == ["tiny.ipynb"]
+
+
+# --------------------------------------------------------------------------- notebooks side by side (--jobs)
+def _tiny_notebook(path, body: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("scale = 'quick'\nlog = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+def test_notebooks_run_side_by_side_and_a_failure_is_raised_after_the_others(tmp_path, monkeypatch):
+    """--jobs 2: both notebooks are running at the same time (each logs its start and end; the spans overlap);
+    a failing notebook does not stop the other, and its error comes out at the end."""
+    import papermill
+
+    body = ("import json, pathlib, time, os\n"
+            "t0 = time.time(); time.sleep(4)\n"
+            "with open(log, 'a') as f: f.write(json.dumps([os.environ['NC_NOTEBOOK'], t0, time.time()]) + '\\n')\n")
+    books = [tmp_path / "a.ipynb", tmp_path / "b.ipynb"]
+    for nb in books:
+        _tiny_notebook(nb, body)
+    log = tmp_path / "log.jsonl"
+    timings = figures.run_notebooks(books, "quick", tmp_path / "build", jobs=2, extra={"log": str(log)})
+    assert set(timings) == {"a", "b"}
+    spans = {name: (t0, t1) for name, t0, t1 in map(json.loads, log.read_text().splitlines())}
+    (a0, a1), (b0, b1) = spans["a"], spans["b"]
+    assert a0 < b1 and b0 < a1, spans  # the two ran at the same time
+    _tiny_notebook(books[0], "raise RuntimeError('deliberate failure')")
+    log.unlink()
+    with pytest.raises(papermill.PapermillExecutionError, match="deliberate failure"):
+        figures.run_notebooks(books, "quick", tmp_path / "build", jobs=2, extra={"log": str(log)})
+    assert [json.loads(line)[0] for line in log.read_text().splitlines()] == ["b"]  # b ran to its end
+
+
+def test_figure_jobs_default_and_bad_values(monkeypatch):
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 2)
+    assert figures.figure_jobs("auto", "quick") == 2 and figures.figure_jobs("auto", "medium") == 1
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 1)
+    assert figures.figure_jobs("auto", "quick") == 1 and figures.figure_jobs("3", "paper") == 3
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="jobs"):
+            figures.figure_jobs(bad, "quick")
+    assert figures.main(["--jobs", "0"]) == 2
+
+
+def _save_one_table(fig_id: str, out: str) -> None:
+    from pathlib import Path
+
+    figures.save_table([{"a": 1}], fig_id, scale="quick", out_dir=Path(out))
+
+
+def test_the_manifest_is_updated_under_a_lock(tmp_path):
+    """A second process saving a figure waits while the manifest is locked, then adds its record to the
+    others: no record is lost between reading the manifest and writing it back."""
+    import multiprocessing
+
+    figures.save_table([{"a": 1}], "zhu2021_table1", scale="quick", out_dir=tmp_path)
+    proc = multiprocessing.get_context("spawn").Process(target=_save_one_table, args=("markou2024_table1", str(tmp_path)))
+    with figures._manifest_lock(tmp_path):
+        proc.start()
+        proc.join(timeout=8)
+        assert proc.is_alive()  # blocked on the lock
+        assert set(figures.read_manifest(tmp_path)) == {"zhu2021_table1"}
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert set(figures.read_manifest(tmp_path)) == {"zhu2021_table1", "markou2024_table1"}
