@@ -16,6 +16,12 @@ One job per configuration, submitted as job arrays (:func:`submit_grid`). Each j
   renames the stale file away first (only one contender can rename it), then creates a new lock.
 * **Finished runs are skipped**, both at submission (not submitted) and in the job (checked
   again after taking the lock).
+* **One run on several GPUs.** With ``tasks_per_node=N`` (:func:`make_executor`) and
+  ``distributed=True`` (:func:`submit_grid`), each job is N processes, one per GPU, and
+  :class:`DistributedRunJob` trains its run data-parallel over them
+  (:func:`nc_lib.distributed.train_distributed`; the process group comes from submitit's
+  ``TorchDistributedEnvironment``). Rank 0 takes the lock and writes; on preemption the whole job is
+  requeued and every rank resumes from the run's last checkpoint.
 
 :func:`dry_run` lists a grid and estimates its device hours from a timed fraction of the first
 epoch of each configuration (random inputs of the dataset's shape, so nothing is downloaded),
@@ -25,6 +31,7 @@ extrapolated to every epoch and measurement: ``python -m nc_lib.cluster dry-run 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import math
@@ -38,9 +45,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_device
+from .distributed import BACKENDS, backend_for, broadcast_object, submitit_process_group, train_distributed
 from .paths import runs_dir as default_runs_dir
-from .runs import LOCK_NAME, RunLock, current_job_id, is_finished, run_dir
+from .runs import LOCK_NAME, RunLock, RunResult, current_job_id, is_finished, run_dir
 from .train import train
 from .validation import check_choice, check_int, check_positive
 
@@ -119,30 +127,78 @@ class RunJob(Checkpointable):
 
     def __call__(self, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         cfg = _as_config(config)
-        if self.threads is not None:
-            torch.set_num_threads(int(self.threads))
+        self._set_threads()
         with _RunsDir(self.runs_dir):
-            path = run_dir(cfg)
-            out = {"path": str(path), "config_hash": cfg.config_hash(), "job_id": current_job_id()}
-            if is_finished(cfg):
-                return {**out, "status": "finished", "final": _final(path)}
-            lock = RunLock(path, stale_after_s=self.stale_after_s, heartbeat_s=self.heartbeat_s)
-            if not lock.acquire():
-                return {**out, "status": "taken", "holder": lock.info()}
+            out, lock = self._claim(cfg)
+            if lock is None:
+                return out
             try:
-                if is_finished(cfg):  # finished by another job between the check and the lock
-                    return {**out, "status": "finished", "final": _final(path)}
                 res = train(cfg, progress=False, stop_after_epochs=self.stop_after_epochs)
             finally:
                 lock.release()
-            return {**out, "status": "trained" if res.finished else "stopped", "final": res.final}
+            return {**out, **_outcome(res)}
+
+    def _set_threads(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+
+    def _claim(self, cfg: TrainConfig) -> tuple[dict[str, Any], RunLock | None]:
+        """Take the run's lock to train it: (the summary so far, the lock held), or, for a run not to
+        train, (its summary: status "finished" or "taken", None)."""
+        path = run_dir(cfg)
+        out = {"path": str(path), "config_hash": cfg.config_hash(), "job_id": current_job_id()}
+        if is_finished(cfg):
+            return {**out, "status": "finished", "final": _final(path)}, None
+        lock = RunLock(path, stale_after_s=self.stale_after_s, heartbeat_s=self.heartbeat_s)
+        if not lock.acquire():
+            return {**out, "status": "taken", "holder": lock.info()}, None
+        if is_finished(cfg):  # finished by another job between the check and the lock
+            lock.release()
+            return {**out, "status": "finished", "final": _final(path)}, None
+        return out, lock
 
     def checkpoint(self, config: TrainConfig | Mapping[str, Any]) -> Any:
         """Preempted or timed out: resubmit this same run; it resumes from the engine's checkpoint."""
         _require_submitit()
-        return DelayedSubmission(RunJob(self.runs_dir, stale_after_s=self.stale_after_s,
-                                        heartbeat_s=self.heartbeat_s, stop_after_epochs=self.stop_after_epochs,
-                                        threads=self.threads), config)
+        return DelayedSubmission(copy.copy(self), config)
+
+
+class DistributedRunJob(RunJob):
+    """The callable every task of a multi-GPU job runs: ``DistributedRunJob(runs_dir)(config_dict)``.
+
+    The job's tasks (one per GPU, ``tasks_per_node`` per node) join one process group
+    (:func:`nc_lib.distributed.submitit_process_group`; backend nccl on CUDA, gloo on CPU, or
+    ``backend``). Rank 0 skips a finished run or takes its lock, as :class:`RunJob` does, and tells
+    the other ranks; then every rank trains the run with
+    :func:`nc_lib.distributed.train_distributed`, which resumes from its last checkpoint (rank 0
+    writes). Each rank returns :class:`RunJob`'s summary plus ``rank`` and ``world_size``. On
+    preemption submitit calls :meth:`checkpoint` on rank 0 and requeues the whole job.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike | None = None, *, backend: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(runs_dir, **kwargs)
+        self.backend = None if backend is None else check_choice("backend", backend, BACKENDS)
+
+    def __call__(self, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+        cfg = _as_config(config)
+        self._set_threads()
+        with _RunsDir(self.runs_dir), \
+                submitit_process_group(self.backend or backend_for(resolve_device(cfg.device))) as (rank, world):
+            out, lock = self._claim(cfg) if rank == 0 else ({}, None)
+            out = {**broadcast_object(out), "rank": rank, "world_size": world}
+            if "status" in out:  # finished or taken: no rank trains
+                return out
+            try:
+                res = train_distributed(cfg, stop_after_epochs=self.stop_after_epochs)
+            finally:
+                if lock is not None:
+                    lock.release()
+            return {**out, **_outcome(res)}
+
+
+def _outcome(res: RunResult) -> dict[str, Any]:
+    return {"status": "trained" if res.finished else "stopped", "final": res.final}
 
 
 def _final(path: Path) -> dict[str, Any]:
@@ -153,20 +209,33 @@ def _final(path: Path) -> dict[str, Any]:
 
 
 def make_executor(folder: str | os.PathLike, *, cluster: str | None = None, timeout_min: int = 60 * 24,
-                  gpus_per_node: int = 1, cpus_per_task: int = 8, mem_gb: int | None = None,
-                  partition: str | None = None, array_parallelism: int = 64, **slurm_params: Any) -> Any:
-    """A ``submitit.AutoExecutor`` for one-GPU jobs: SLURM when ``sbatch`` exists, else local.
+                  gpus_per_node: int | None = None, cpus_per_task: int = 8, mem_gb: int | None = None,
+                  partition: str | None = None, array_parallelism: int = 64, tasks_per_node: int = 1,
+                  nodes: int = 1, **slurm_params: Any) -> Any:
+    """A ``submitit.AutoExecutor``: SLURM when ``sbatch`` exists, else local.
 
     cluster: "slurm", "local" (subprocesses on this machine) or "debug" (in this process); None
-    lets submitit choose. ``slurm_params`` are passed as ``slurm_<name>`` (e.g. ``account``, ``qos``,
-    ``constraint``); ``array_parallelism`` caps how many tasks of an array run at once.
+    lets submitit choose. ``tasks_per_node`` processes per node on ``nodes`` nodes make one job: 1
+    for a one-GPU run (:class:`RunJob`), the node's GPU count for a data-parallel run
+    (:class:`DistributedRunJob`, ``submit_grid(..., distributed=True)``). gpus_per_node: default one
+    per task. ``slurm_params`` are passed as ``slurm_<name>`` (e.g. ``account``, ``qos``,
+    ``constraint``); ``array_parallelism`` caps how many jobs of an array run at once.
     """
     _require_submitit()
     if cluster is not None:
         check_choice("cluster", cluster, CLUSTERS)
+    tasks_per_node = check_int("tasks_per_node", tasks_per_node, 1)
+    nodes = check_int("nodes", nodes, 1)
+    gpus_per_node = tasks_per_node if gpus_per_node is None else check_int("gpus_per_node", gpus_per_node, 0)
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params: dict[str, Any] = {"timeout_min": int(timeout_min), "gpus_per_node": int(gpus_per_node),
-                              "cpus_per_task": int(cpus_per_task), "slurm_array_parallelism": int(array_parallelism)}
+    if ex.cluster != "slurm" and nodes > 1:
+        raise ValueError(f"nodes={nodes} needs cluster='slurm'; the {ex.cluster!r} executor has one node.")
+    if ex.cluster == "debug" and tasks_per_node > 1:
+        raise ValueError(f"tasks_per_node={tasks_per_node} needs one process per task: choose cluster "
+                         "'slurm' or 'local', not 'debug'.")
+    params: dict[str, Any] = {"timeout_min": int(timeout_min), "gpus_per_node": gpus_per_node,
+                              "cpus_per_task": int(cpus_per_task), "slurm_array_parallelism": int(array_parallelism),
+                              "tasks_per_node": tasks_per_node, "nodes": nodes}
     if mem_gb is not None:
         params["mem_gb"] = int(mem_gb)
     if partition is not None:
@@ -189,8 +258,8 @@ class GridSubmission:
     skipped: list[TrainConfig]
 
     def results(self) -> list[dict[str, Any]]:
-        """Wait for every job; their summary dicts, in submission order."""
-        return [job.result() for job in self.jobs]
+        """Wait for every job; their summary dicts (rank 0's for a multi-task job), in submission order."""
+        return [job.results()[0] for job in self.jobs]
 
 
 def _items(configs: Any, prefix: tuple = ()) -> list[tuple[Any, TrainConfig]]:
@@ -221,23 +290,41 @@ def _flatten(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig]) -> list
     return out
 
 
+def _tasks_per_job(executor: Any) -> int:
+    """How many tasks (processes) each job of a submitit executor runs (1 if it does not say)."""
+    inner = getattr(executor, "_executor", executor)  # an AutoExecutor wraps the cluster's executor
+    try:
+        return int(inner._num_tasks())
+    except (AttributeError, NotImplementedError, TypeError):
+        return 1
+
+
 def submit_grid(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], executor: Any, *,
                 runs_dir: str | os.PathLike | None = None, skip_finished: bool = True,
-                job: RunJob | None = None) -> GridSubmission:
+                job: RunJob | None = None, distributed: bool = False) -> GridSubmission:
     """Submit one job per unfinished configuration, as one job array (``executor.map_array``).
 
     configs: a grid (``papyan2020.grid("paper")``) or any iterable of TrainConfig; duplicates are
     submitted once. executor: from :func:`make_executor` (or any submitit executor). runs_dir: the
     shared run store the jobs write to (default: this process's ``runs_dir()``, which must be on a
-    file system every node sees). Finished runs are not submitted.
+    file system every node sees). Finished runs are not submitted. distributed: each job trains its
+    run data-parallel over all its tasks (:class:`DistributedRunJob`; make the executor with
+    ``tasks_per_node`` = GPUs per node); an executor of several tasks per job needs it.
     """
     _require_submitit()
+    if job is None:
+        job = DistributedRunJob() if distributed else RunJob()
+    if distributed and not isinstance(job, DistributedRunJob):
+        raise ValueError(f"distributed=True needs job to be a DistributedRunJob; got {type(job).__name__}.")
+    tasks = _tasks_per_job(executor)
+    if tasks > 1 and not isinstance(job, DistributedRunJob):
+        raise ValueError(f"the executor runs {tasks} tasks per job; pass distributed=True to train each run "
+                         "data-parallel over them, or make the executor with tasks_per_node=1.")
     store = str(Path(runs_dir) if runs_dir is not None else default_runs_dir())
     todo, skipped = [], []
     with _RunsDir(store):
         for c in _flatten(configs):
             (skipped if skip_finished and is_finished(c) else todo).append(c)
-    job = job if job is not None else RunJob(store)
     if job.runs_dir is None:
         job.runs_dir = store
     jobs = executor.map_array(job, [c.to_dict() for c in todo]) if todo else []
@@ -426,23 +513,34 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_local(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, runs_dir: str | os.PathLike | None = None,
-              parallelism: int = 1, in_process: bool = False, out: Any = None) -> int:
+              parallelism: int = 1, in_process: bool = False, out: Any = None, tasks_per_node: int = 1,
+              folder: str | os.PathLike = "submitit_logs", backend: str | None = None) -> int:
     """Train a grid on this machine, ``parallelism`` runs at a time (each a fresh process with
     cpu_count // parallelism threads; ``in_process``: one after another in this process), printing a line
     per run as it ends. Finished runs are skipped; each run takes its lock (:class:`RunJob`). Returns 0 when
-    every run trained or was finished already, else 1."""
+    every run trained or was finished already, else 1.
+
+    tasks_per_node > 1: each run is a job of submitit's local executor (logs in ``folder``) whose
+    ``tasks_per_node`` processes train it data-parallel (:class:`DistributedRunJob` with ``backend``), as on
+    SLURM.
+    """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
 
     out = sys.stdout if out is None else out
     parallelism = check_int("parallelism", parallelism, 1)
+    tasks_per_node = check_int("tasks_per_node", tasks_per_node, 1)
+    if in_process and tasks_per_node > 1:
+        raise ValueError(f"tasks_per_node={tasks_per_node} needs one process per task; in_process=True has one.")
     store = str(Path(runs_dir) if runs_dir is not None else default_runs_dir())
     with _RunsDir(store):
         todo = [c for c in _flatten(configs) if not is_finished(c)]
     n_all = len(_flatten(configs))
-    print(f"training {len(todo)} runs on this machine, {parallelism} at a time ({n_all - len(todo)} finished runs "
-          f"skipped); run store {store}", file=out, flush=True)
-    job = RunJob(store, threads=max(1, (os.cpu_count() or 1) // parallelism))
+    print(f"training {len(todo)} runs on this machine, {parallelism} at a time"
+          f"{f' on {tasks_per_node} processes each' if tasks_per_node > 1 else ''} ({n_all - len(todo)} finished "
+          f"runs skipped); run store {store}", file=out, flush=True)
+    threads = max(1, (os.cpu_count() or 1) // (parallelism * tasks_per_node))
+    job = RunJob(store, threads=threads)
     failed = 0
     t0 = time.perf_counter()
 
@@ -454,7 +552,17 @@ def run_local(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, run
         status = f"failed: {type(err).__name__}: {err}" if err is not None else res.get("status") if res else "?"
         print(f"[{i}/{len(todo)}] {what}: {status} ({time.perf_counter() - t0:.0f} s)", file=out, flush=True)
 
-    if in_process:
+    if tasks_per_node > 1:
+        ex = make_executor(folder, cluster="local", tasks_per_node=tasks_per_node)
+        job = DistributedRunJob(store, threads=threads, backend=backend)
+        for start in range(0, len(todo), parallelism):
+            chunk = todo[start:start + parallelism]
+            for i, (c, submitted) in enumerate(zip(chunk, [ex.submit(job, c.to_dict()) for c in chunk]), start + 1):
+                try:
+                    report(i, c, submitted.results()[0], None)  # rank 0's summary
+                except Exception as e:
+                    report(i, c, None, e)
+    elif in_process:
         for i, c in enumerate(todo, 1):
             try:
                 report(i, c, job(c.to_dict()), None)
@@ -498,8 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "--array-parallelism runs at a time (default 1)")
             s.add_argument("--timeout-min", type=int, default=60 * 24)
             s.add_argument("--partition", default=None)
-            s.add_argument("--gpus", type=int, default=1)
-            s.add_argument("--cpus", type=int, default=8)
+            s.add_argument("--tasks-per-node", type=int, default=1,
+                           help="processes per node, one per GPU: N > 1 trains each run data-parallel over "
+                                "N processes (one preemptible job per run)")
+            s.add_argument("--nodes", type=int, default=1, help="nodes per run (SLURM)")
+            s.add_argument("--backend", default=None, help="process group backend (default: nccl on CUDA, "
+                                                           "gloo on CPU)")
+            s.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: one per task)")
+            s.add_argument("--cpus", type=int, default=8, help="CPUs per task")
             s.add_argument("--array-parallelism", type=int, default=None,
                            help="runs at a time (default 64 on SLURM, 1 with --cluster local)")
     a = p.parse_args(argv)
@@ -513,19 +627,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "--array-parallelism N runs N at once).")
             par = check_int("--array-parallelism", a.array_parallelism if a.array_parallelism is not None
                             else (64 if cluster in (None, "slurm") else 1), 1)
+            tasks = check_int("--tasks-per-node", a.tasks_per_node, 1)
+            nodes = check_int("--nodes", a.nodes, 1)
+            if a.backend is not None:
+                check_choice("--backend", a.backend, BACKENDS)
+            if cluster == "debug" and tasks > 1:
+                raise ValueError(f"--tasks-per-node={tasks} needs one process per task; choose --cluster local "
+                                 "or slurm, not debug.")
+            if cluster in ("local", "debug") and nodes > 1:
+                raise ValueError(f"--nodes={nodes} needs SLURM; --cluster {cluster} has one node.")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if a.cmd == "submit" and cluster in ("local", "debug"):
-        return run_local(grid, runs_dir=a.runs_dir, parallelism=par, in_process=cluster == "debug")
+        return run_local(grid, runs_dir=a.runs_dir, parallelism=par, in_process=cluster == "debug",
+                         tasks_per_node=tasks, folder=a.folder, backend=a.backend)
     if a.cmd == "dry-run":
         rows = dry_run(grid, steps=a.steps, device=a.device, runs_dir=a.runs_dir)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
     elif a.cmd == "submit":
         ex = make_executor(a.folder, cluster="slurm", timeout_min=a.timeout_min, partition=a.partition,
-                           gpus_per_node=a.gpus, cpus_per_task=a.cpus, array_parallelism=par)
-        sub_ = submit_grid(grid, ex, runs_dir=a.runs_dir)
+                           gpus_per_node=a.gpus, cpus_per_task=a.cpus, array_parallelism=par,
+                           tasks_per_node=tasks, nodes=nodes)
+        distributed = tasks * nodes > 1
+        job = DistributedRunJob(backend=a.backend) if distributed else None
+        sub_ = submit_grid(grid, ex, runs_dir=a.runs_dir, job=job, distributed=distributed)
         print(f"submitted {len(sub_.jobs)} jobs ({len(sub_.skipped)} finished runs skipped): "
               f"{', '.join(j.job_id for j in sub_.jobs[:10])}{' ...' if len(sub_.jobs) > 10 else ''}")
     else:

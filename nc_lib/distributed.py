@@ -7,9 +7,14 @@ Launch with torchrun, one process per GPU::
 
     torchrun --nproc_per_node=8 -m nc_lib.distributed --config run.json [--runs-dir /shared/runs]
 
-where ``run.json`` holds the fields of a :class:`nc_lib.config.TrainConfig`. The run lands in the
-same run directory ``runs_dir()/<dataset>-<model>-<hash>`` with the same files as
-:func:`nc_lib.train.train` (config, metrics.jsonl, checkpoints, snapshots, done.json), so
+where ``run.json`` holds the fields of a :class:`nc_lib.config.TrainConfig`, or as a preemptible
+SLURM job of one task per GPU through submitit (:class:`nc_lib.cluster.DistributedRunJob`, whose
+tasks join one process group with :func:`submitit_process_group`)::
+
+    python -m nc_lib.cluster submit --paper papyan2020 --scale paper --tasks-per-node 8
+
+The run lands in the same run directory ``runs_dir()/<dataset>-<model>-<hash>`` with the same files
+as :func:`nc_lib.train.train` (config, metrics.jsonl, checkpoints, snapshots, done.json), so
 :func:`nc_lib.runs.load_run` and the figure builders read it, and it resumes from its checkpoint
 with any number of processes (also one). Rank 0 writes; every rank reads the checkpoint.
 
@@ -51,6 +56,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -82,6 +88,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend for training on ``device``: "nccl" on CUDA, "gloo" otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT); nothing to do for one process. backend: "nccl" on GPUs,
@@ -93,11 +104,50 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
     if world > 1 and not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
+        if backend == "nccl":  # every GPU visible to each task, or only its own
+            torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group(backend)
     rank, world = rank_and_world()
     return rank, world, local
+
+
+@contextmanager
+def submitit_process_group(backend: str | None = None) -> Iterator[tuple[int, int]]:
+    """The process group of a submitit job's tasks (one process per GPU, any number of nodes), for a block.
+
+    submitit's ``TorchDistributedEnvironment`` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT from the job's environment (SLURM's, or the local executor's); :func:`init_from_env` then
+    joins the group (nothing to join for one task). Outside a submitit job the environment is left as it
+    is (torchrun's, or none: one process). The group is destroyed when the block ends, also when it ends
+    by an exception or by submitit's exit on preemption (a group that existed before is left alone).
+    Yields (rank, world_size).
+    """
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS)
+    try:
+        job_env = TorchDistributedEnvironment()
+    except RuntimeError:  # submitit finds no job environment: not inside a submitit job
+        job_env = None
+    if job_env is not None:
+        job_env.export(set_cuda_visible_devices=False, overwrite=True)
+    ours = not dist.is_initialized()
+    try:
+        rank, world, _ = init_from_env(backend)
+        yield rank, world
+    finally:
+        if ours and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (anything picklable) on every rank; ``obj`` itself without a process group."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def _all_reduce_(t: Tensor) -> Tensor:

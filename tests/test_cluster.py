@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("submitit")
 
 from nc_lib import cluster  # noqa: E402
-from nc_lib.cluster import RunJob, RunLock, dry_run, grid_status, make_executor, submit_grid  # noqa: E402
+from nc_lib.cluster import (DistributedRunJob, RunJob, RunLock, dry_run, grid_status, make_executor,  # noqa: E402
+                            submit_grid)
 from nc_lib.config import TrainConfig  # noqa: E402
 from nc_lib.runs import is_finished, load_run, run_dir  # noqa: E402
 
@@ -231,3 +232,81 @@ def test_bad_inputs_name_the_parameter(tmp_path):
         dry_run([])
     with pytest.raises(ValueError, match="config"):
         RunJob()(42)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run over several tasks of a job (DistributedRunJob); two-task jobs are in tests/test_distributed.py
+# ----------------------------------------------------------------------------------------------
+def test_distributed_job_in_one_process_trains_skips_and_leaves_a_taken_run(store, tmp_path):
+    """Outside a submitit job DistributedRunJob is one rank of one: it trains the one-GPU job's run, skips it
+    once finished, and leaves a run locked by another job alone."""
+    cfg, locked = tiny(0.05, epochs=2), tiny(0.02, epochs=1)
+    holder = RunLock(run_dir(locked), job_id="other")
+    assert holder.acquire()
+    try:
+        assert DistributedRunJob(store)(locked.to_dict())["status"] == "taken"
+    finally:
+        holder.release()
+    assert not (run_dir(locked) / "checkpoints").exists()
+    out = DistributedRunJob(store, threads=1)(cfg.to_dict())
+    assert (out["status"], out["rank"], out["world_size"]) == ("trained", 0, 1)
+    assert out["final"] == RunJob(tmp_path / "one_gpu")(cfg.to_dict())["final"]
+    again = DistributedRunJob(store)(cfg.to_dict())
+    assert (again["status"], again["final"]) == ("finished", out["final"])
+    # preempted: the same kind of job, with the same settings, is resubmitted
+    job = DistributedRunJob(store, backend="gloo", stop_after_epochs=1)
+    delayed = job.checkpoint(cfg.to_dict())
+    assert type(delayed.function) is DistributedRunJob and delayed.function is not job
+    assert (delayed.function.backend, delayed.function.stop_after_epochs, delayed.args) == ("gloo", 1, (cfg.to_dict(),))
+
+
+def test_command_line_submits_a_data_parallel_run_to_slurm(store, tmp_path, monkeypatch, capsys):
+    """``submit --tasks-per-node 4``: one SLURM job per run, 4 tasks (and GPUs) per node started by srun, each
+    running a DistributedRunJob; the scheduler's commands are stand-ins here."""
+    from submitit.core.utils import DelayedSubmission
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(cluster, "paper_grid", lambda paper, scale: {"run": tiny(0.05)})
+    logs = tmp_path / "logs"
+    assert cluster.main(["submit", "--paper", "papyan2020", "--tasks-per-node", "4", "--backend", "nccl",
+                         "--partition", "gpu", "--folder", str(logs), "--runs-dir", str(store)]) == 0
+    assert "submitted 1 jobs" in capsys.readouterr().out
+    script = (logs / "4242_submission.sh").read_text()
+    for line in ("--ntasks-per-node=4", "--gpus-per-node=4", "--nodes=1", "--partition=gpu", "--signal=USR2@"):
+        assert line in script, script
+    assert "\nsrun " in script
+    delayed = DelayedSubmission.load(logs / "4242_submitted.pkl")
+    assert type(delayed.function) is DistributedRunJob and delayed.function.backend == "nccl"
+    assert delayed.function.runs_dir == str(store) and delayed.args == (tiny(0.05).to_dict(),)
+    ex = make_executor(tmp_path / "logs2", cluster="slurm", tasks_per_node=4, nodes=2)
+    assert cluster._tasks_per_job(ex) == 8
+
+
+def test_bad_multi_task_settings_name_the_parameter(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="tasks_per_node must be >= 1"):
+        make_executor(tmp_path, cluster="local", tasks_per_node=0)
+    with pytest.raises(ValueError, match="tasks_per_node=2 needs one process per task.*'slurm' or 'local'"):
+        make_executor(tmp_path, cluster="debug", tasks_per_node=2)
+    with pytest.raises(ValueError, match="nodes=2 needs cluster='slurm'"):
+        make_executor(tmp_path, cluster="local", nodes=2)
+    with pytest.raises(ValueError, match=r"backend='mpi' is not valid; choose one of \['gloo', 'nccl'\]"):
+        DistributedRunJob(backend="mpi")
+    two_tasks = make_executor(tmp_path / "logs", cluster="local", tasks_per_node=2)
+    with pytest.raises(ValueError, match="2 tasks per job; pass distributed=True"):
+        submit_grid([tiny(0.05)], two_tasks, runs_dir=tmp_path / "runs")
+    with pytest.raises(ValueError, match="distributed=True needs job to be a DistributedRunJob"):
+        submit_grid([tiny(0.05)], two_tasks, runs_dir=tmp_path / "runs", job=RunJob(), distributed=True)
+    assert not list((tmp_path / "logs").glob("*.pkl"))  # nothing was submitted
+    monkeypatch.setattr(cluster, "paper_grid", lambda paper, scale: {"run": tiny(0.05)})
+    for args, message in ((["--cluster", "local", "--tasks-per-node", "0"], "--tasks-per-node must be >= 1"),
+                          (["--cluster", "local", "--backend", "mpi"],
+                           "--backend='mpi' is not valid; choose one of ['gloo', 'nccl']"),
+                          (["--cluster", "debug", "--tasks-per-node", "2"], "--tasks-per-node=2 needs one process"),
+                          (["--cluster", "local", "--nodes", "2"], "--nodes=2 needs SLURM")):
+        assert cluster.main(["submit", "--paper", "papyan2020", "--runs-dir", str(tmp_path / "runs"), *args]) == 2
+        assert message in capsys.readouterr().err

@@ -1,11 +1,15 @@
 """Data-parallel training and measurements reduced across ranks: two CPU processes on gloo."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,25 +183,35 @@ def test_ddp_training_with_torchrun_resumes_and_matches_single_process(tmp_path,
     ddp_run = load_run(cfg)
     assert [r["epoch"] for r in ddp_run.history] == [1, 2]
     assert (ddp_run.path / "snapshots" / "epoch_0001.pt").stat().st_mtime_ns == stamp  # resumed, not redone
-    ddp_model = ddp_run.model()
     # the same configuration in one process: the same numbers up to float32 rounding
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
     single = train(cfg, progress=False)
-    for k in ("train_loss", "test_loss", "within_class_variability", "equinorm_means", "self_duality",
-              "train_loss_running"):
-        assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
+    _assert_same_run(ddp_run, single, ("train_loss", "test_loss", "within_class_variability", "equinorm_means",
+                                       "self_duality", "train_loss_running"))
     for k in ("train_accuracy", "test_accuracy"):
         assert abs(ddp_run.final[k] - single.final[k]) <= 1 / 100
-    for (name, a), b in zip(ddp_model.state_dict().items(), single.model().state_dict().values()):
+
+
+def _assert_same_run(ddp_run, single, keys) -> None:
+    """Two ranks trained the single-process run up to float32 rounding: its final ``keys`` and its weights."""
+    for k in keys:
+        assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
+    for (name, a), b in zip(ddp_run.model().state_dict().items(), single.model().state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
 
 
-def _two_ranks_and_one_process(cfg, tmp_path, monkeypatch):
-    """``cfg`` trained on two torchrun ranks (gloo) and in one process: the two finished runs."""
-    f = tmp_path / "cfg.json"
+def _launch_torchrun(cfg, runs: Path) -> None:
+    """Train ``cfg`` on two torchrun ranks (gloo) into the run store ``runs``."""
+    f = runs.parent / "cfg.json"
     f.write_text(json.dumps(cfg.to_dict()))
-    out = _torchrun(f, tmp_path / "ddp")
+    out = _torchrun(f, runs)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _two_ranks_and_one_process(cfg, tmp_path, monkeypatch, launch=_launch_torchrun):
+    """``cfg`` trained on two ranks (``launch(cfg, runs_dir)``, by default torchrun) and in one process: the
+    two finished runs."""
+    launch(cfg, tmp_path / "ddp")
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
     ddp_run = load_run(cfg)
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
@@ -228,10 +242,8 @@ def test_mse_loss_across_ranks_matches_single_process(tmp_path, monkeypatch):
                       snapshot_per_class=0, device="cpu")
     ddp_run, single = _two_ranks_and_one_process(cfg, tmp_path, monkeypatch)
     assert ddp_run.config.loss == "mse"
-    for k in ("train_loss", "test_loss", "within_class_variability", "self_duality", "train_loss_running"):
-        assert math.isclose(ddp_run.final[k], single.final[k], rel_tol=1e-4), (k, ddp_run.final[k], single.final[k])
-    for (name, a), b in zip(ddp_run.model().state_dict().items(), single.model().state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    _assert_same_run(ddp_run, single, ("train_loss", "test_loss", "within_class_variability", "self_duality",
+                                       "train_loss_running"))
 
 
 def test_bad_inputs(tmp_path):
@@ -304,3 +316,104 @@ def test_one_process_agd_stratified_run_equals_the_engine(tmp_path, monkeypatch)
     assert [r["epoch"] for r in ddp.history] == [1, 2]
     assert ddp.history == single.history  # the same batches in the same order: the same numbers
     assert ddp.history[-1]["train_loss"] < ddp.history[0]["train_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One run on two tasks of a submitit job (nc_lib.cluster.DistributedRunJob): local executor, gloo
+# ----------------------------------------------------------------------------------------------
+#: 24 steps an epoch, checkpoints after epochs 1 and 19: room to preempt the run between its first and last
+#: epoch. Its float32 runs on two ranks and on one stay within ~2e-7 of each other (a smaller batch or a larger
+#: learning rate makes them drift apart by 1e-4 within a few epochs).
+SUBMITIT_CFG = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 128, "depth": 2, "batch_norm": False},
+                           epochs=20, batch_size=64, lr=0.02, measure_epochs=(1, 19), snapshot_per_class=2,
+                           device="cpu")
+
+
+def _task_pids(job) -> list[int]:
+    """The task processes of a job of submitit's local executor (children of its controller)."""
+    ctrl = job._process.pid
+    return [int(p) for p in Path(f"/proc/{ctrl}/task/{ctrl}/children").read_text().split()]
+
+
+@pytest.fixture(scope="module")
+def submitit_two_tasks(tmp_path_factory):
+    """SUBMITIT_CFG trained by ``python -m nc_lib.cluster submit --cluster local --tasks-per-node 2`` (one job
+    of two tasks) and in one process: (two-task run, single-process run, the CLI's output, the job logs)."""
+    pytest.importorskip("submitit")
+    from nc_lib import cluster
+
+    tmp = tmp_path_factory.mktemp("submitit_two_tasks")
+    logs, printed = tmp / "logs", io.StringIO()
+
+    def launch(cfg, runs: Path) -> None:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+            patch.setattr(cluster, "paper_grid", lambda paper, scale: {"run": cfg})
+            assert cluster.main(["submit", "--paper", "papyan2020", "--cluster", "local", "--tasks-per-node", "2",
+                                 "--runs-dir", str(runs), "--folder", str(logs)]) == 0, printed.getvalue()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ddp_run, single = _two_ranks_and_one_process(SUBMITIT_CFG, tmp, mp, launch=launch)
+    return ddp_run, single, printed.getvalue(), logs
+
+
+def test_two_task_submitit_job_matches_single_process(submitit_two_tasks):
+    ddp_run, single, printed, logs = submitit_two_tasks
+    assert "[1/1]" in printed and ": trained" in printed, printed
+    assert ddp_run.finished and [r["epoch"] for r in ddp_run.history] == [1, 19, 20]
+    # it ran on two ranks: both tasks' logs, a world of two in env.json and in every timing record
+    env = json.loads((ddp_run.path / "env.json").read_text())
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    assert {t["world_size"] for t in ddp_run.timings()} == {2}
+    outs = sorted(p.name for p in logs.glob("*_log.out"))
+    assert len(outs) == 2 and outs[0].endswith("_0_log.out") and outs[1].endswith("_1_log.out")
+    assert "global_rank=1(2)" in (logs / outs[1]).read_text()
+    _assert_same_run(ddp_run, single, ("train_loss", "test_loss", "within_class_variability", "equinorm_means",
+                                       "self_duality", "train_loss_running"))
+
+
+def test_preempted_two_task_job_requeues_and_resumes_to_the_same_numbers(submitit_two_tasks, tmp_path, monkeypatch):
+    """SLURM's preemption signal (SIGUSR2 to every task) after epoch 1: submitit requeues the job, and both
+    ranks resume from the epoch-1 checkpoint to the uninterrupted run's numbers. The tasks are paused
+    (SIGSTOP) while the test checks that the run is not finished, then signalled and let go (SIGCONT)."""
+    from nc_lib.cluster import DistributedRunJob, make_executor, submit_grid
+
+    uninterrupted, single, _, _ = submitit_two_tasks
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store = tmp_path / "runs"
+    ex = make_executor(tmp_path / "logs", cluster="local", tasks_per_node=2, timeout_min=60)
+    sub = submit_grid([SUBMITIT_CFG], ex, runs_dir=store, job=DistributedRunJob(threads=1), distributed=True)
+    job = sub.jobs[0]
+    path = store / uninterrupted.path.name
+    deadline = time.time() + 120
+    while not (path / "checkpoints" / "epoch_0001.pt").exists():
+        assert time.time() < deadline and not job.done(), "the job never checkpointed"
+        time.sleep(0.02)
+    pids = _task_pids(job)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        first_snapshot = (path / "snapshots" / "epoch_0001.pt").stat().st_mtime_ns
+        assert len(pids) == 2 and not (path / "done.json").exists()  # two tasks, paused before the end
+        assert not (path / "checkpoints" / "epoch_0019.pt").exists()  # so they resume from epoch 1
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    results = job.results()
+    assert [(r["rank"], r["world_size"], r["status"]) for r in results] == [(0, 2, "trained"), (1, 2, "trained")]
+    assert sub.results() == [results[0]]
+    log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()  # rank 0's
+    assert "preempted" in log and "Requeued" in log and log.count("Starting with JobEnvironment") == 2, log[-2000:]
+    assert (path / "snapshots" / "epoch_0001.pt").stat().st_mtime_ns == first_snapshot  # resumed, not restarted
+    monkeypatch.setenv("NC_RUNS_DIR", str(store))
+    resumed = load_run(SUBMITIT_CFG)
+    assert resumed.finished and not (path / "run.lock").exists()
+    # the uninterrupted two-task run's numbers (bit for bit with the same thread count; the CLI's job may
+    # have used more threads than this one)
+    assert [r["epoch"] for r in resumed.history] == [r["epoch"] for r in uninterrupted.history]
+    for got, want in zip(resumed.history, uninterrupted.history):
+        _close(got, want, want.keys(), rtol=1e-6, atol=1e-9)
+    for (name, a), b in zip(resumed.model().state_dict().items(), uninterrupted.model().state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8), name
