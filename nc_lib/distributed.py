@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import TrainConfig, build_run_model, load_run_data, resolve_device
+from .config import TrainConfig, build_run_model, load_run_data, place_run_data, prepare_for_training, resolve_device
 from .data import ArrayDataset, StratifiedBatchSampler, _batch_identity, epoch_order, without_augmentation
 from .features import MeasureReduce, measure, snapshot_indices
 from .metrics import CollapseAccumulator, SampleAccumulator
@@ -381,9 +381,9 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     if rank == 0:
         write_run_start(path, config, device, world_size=world, backend=dist.get_backend() if world > 1 else None,
                         launcher="nc_lib.distributed")
-    train_set, test_set = load_run_data(config)
+    train_set, test_set = place_run_data(config, load_run_data(config), device)
     C = train_set.num_classes
-    pin = device.type == "cuda"
+    pin = device.type == "cuda" and getattr(train_set, "device", torch.device("cpu")).type == "cpu"
     sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed,
                                            labels=train_set.targets if config.stratified_batches else None)
     train_loader = _loader(train_set, sampler, pin)
@@ -401,6 +401,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         sync_batchnorm = device.type == "cuda" and world > 1
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = prepare_for_training(model, config, device)
     opt = _make_optimizer(config, model)
     sched = _make_scheduler(config, opt)
     _barrier()  # rank 0 has made the directory
@@ -426,7 +427,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     def measure_fn() -> tuple[dict[str, float], CollapseAccumulator]:
         _sync_buffers(model)
         return measure(model, eval_train, eval_test, C, device, train_sample_pass=config.train_sample_pass,
-                       amp=use_amp, reduce=reduce)
+                       reduce=reduce)  # float32 always, also after bfloat16 training
 
     def train_one(epoch: int) -> EpochResult:
         torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)  # augmentation: per (seed, epoch, rank)
