@@ -17,13 +17,21 @@ training) and ``renormalise_after_step`` (call ``head.renormalise_()`` after eac
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .etf import simplex_etf
-from .nearest_etf import (DEFAULT_DELTA, DEFAULT_TAU, POLAR_METHODS, SOLVERS, FeatureMeanTracker, check_dims,
-                          etf_classifier, nearest_etf_node, nearest_etf_solve)
+from . import nearest_etf as nearest_etf_module
+from .nearest_etf import (DEFAULT_DELTA, DEFAULT_TAU, POLAR_METHODS, SOLVERS, FeatureMeanTracker, _newton_schulz,
+                          check_dims, etf_classifier, fused_step_host, host_scalar, nearest_etf_node,
+                          nearest_etf_solve, set_host_scalar)
 from .validation import check_choice, check_int, check_positive
 
 
@@ -152,6 +160,9 @@ class CosineHead(_LearnedLinear):
         return self.linear(self.tau * F.normalize(h, dim=1))
 
 
+_NORM_EPS = 1e-12  # F.normalize's eps
+
+
 class ImplicitETFHead(Head):
     """Markou's implicit ETF classifier: the classifier is the simplex ETF nearest to the feature means.
 
@@ -169,9 +180,31 @@ class ImplicitETFHead(Head):
     Call it as ``head(h, labels)`` in training mode (``needs_labels`` is True); ``head(h)`` in eval.
     ``solver``: ``"closed"`` (polar factor) or ``"riemannian"`` (trust region, warm start U_prox,
     at most ``max_iter`` iterations; ``last_iterations`` reports the count). Needs d >= C.
+
+    The fused step. With the closed form (``polar_method`` "auto" or "gram"), every training step after the
+    first runs as one autograd node (:class:`_ImplicitETFStep`): the tracker's update, the node and the
+    classifier in a few dozen dispatches forward and backward, and one host synchronisation, the read-back
+    of the 2C x 2C Gram of ``[H | U_prox]`` whose C x C algebra (the eigendecomposition, the backward's
+    constants) runs on the host in float64 (:func:`~nc_lib.nearest_etf.fused_step_host`); the step counter
+    and the ``initialised`` flag are mirrored on the host (:func:`~nc_lib.nearest_etf.host_scalar`). Per step
+    (B = 128, d = 512, C = 10; forward, cross-entropy, backward) that is 71 top-level aten ops and one host
+    synchronisation, against 179 and 9 for the general route (the tracker, then
+    :func:`~nc_lib.nearest_etf.nearest_etf_node`, then the classifier, each through autograd) on a GPU and 16
+    and 0 for :class:`LinearHead`; see ``benchmarks/bench_implicit_head.py``. The general route still runs the
+    first step, the Riemannian solver, ``polar_method="svd"``, a tracker summed over ranks (``across_ranks``),
+    and any step the fused one declines after its read-back (labels out of range, NaN or Inf, H = 0, a Gram too
+    ill-conditioned for the Gram route): it raises the errors, or takes the SVD, as before, and nothing has
+    changed the state by then. On the CPU, where a synchronisation costs nothing, problems with d C^2 above
+    ``nearest_etf.NUMPY_MAX_WORK`` also take the general route (its d x C products are smaller).
+    ``fused_step``: None (that choice), True (the fused step wherever it applies) or False (the general route
+    always: the reference the tests compare the fused step with). Differences from the general route: numbers
+    equal to float rounding; half-precision inputs are normalised in float32 (as the general route does under
+    autocast), autocast does not lower the fused step's products (its logits are float32), and its backward is
+    not differentiable again (``create_graph`` gives gradients, not second derivatives).
     """
 
     needs_labels = True
+    fused_step: bool | None = None
 
     def __init__(self, feature_dim: int, num_classes: int, tau: float = DEFAULT_TAU, delta: float = DEFAULT_DELTA,
                  solver: str = "closed", backprop_through_node: bool = True, max_iter: int = 30,
@@ -203,16 +236,22 @@ class ImplicitETFHead(Head):
         return U0
 
     def forward(self, h: Tensor, labels: Tensor | None = None) -> Tensor:
-        f = self.tracker.normalise(h)
         if not self.training:
+            f = self.tracker.normalise(h)
             return f @ self.weight.to(f.dtype).mT + self.bias.to(f.dtype)
         if labels is None:
             raise ValueError("ImplicitETFHead needs the labels in training mode: call head(h, labels) "
                              "(its feature means are class means); in eval mode call head(h).")
+        out = self._fused_forward(h, labels) if self.fused_step is not False else None
+        return out if out is not None else self._general_forward(h, labels)
+
+    def _general_forward(self, h: Tensor, labels: Tensor) -> Tensor:
+        """The training step through the tracker, the node and the classifier, each differentiated by autograd."""
+        f = self.tracker.normalise(h)
         # NaN or Inf in h: a ValueError from the tracker, before its state changes (one scalar check; on a GPU,
         # one host sync)
         Hbar, mu_G = self.tracker.update_normalised(f, labels, name="ImplicitETFHead: the features h")
-        if bool(self.initialised):
+        if host_scalar(self, "initialised"):
             U_prox = self.U_prox.to(Hbar.dtype)
         else:
             U_prox = self._first_solve(Hbar)
@@ -228,11 +267,160 @@ class ImplicitETFHead(Head):
             self.weight.copy_(W.detach())
             self.bias.copy_(b.detach())
             self.initialised.fill_(True)
+        set_host_scalar(self, "initialised", True)
         self.last_iterations = it
         return f @ W.mT + b
 
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
+        """Per device and dtype, made once: ``classes`` = arange(C), ``tau_pc`` = tau sqrt(C/(C-1)) (I - 11^T/C),
+        and ``V``, the float64 d x 2C work matrix [H | U_prox] of a step (written and read within the forward)."""
+        key = (device, dtype, self.tracker.tau)
+        cache = self.__dict__.setdefault("_fused_constants", {})
+        if key not in cache:
+            C, tau = self.num_classes, self.tracker.tau
+            pc = tau * math.sqrt(C / (C - 1)) * (torch.eye(C, dtype=torch.float64) - 1.0 / C)
+            cache[key] = SimpleNamespace(classes=torch.arange(C, device=device), tau_pc=pc.to(device, dtype),
+                                         V=torch.empty(self.feature_dim, 2 * C, dtype=torch.float64, device=device))
+        return cache[key]
+
+    def _fused_forward(self, h: Tensor, labels: Tensor) -> Tensor | None:
+        """The fused training step (see the class docstring), or None where the general route must run."""
+        tr, C = self.tracker, self.num_classes
+        if (self.solver != "closed" or self.polar_method == "svd" or tr.across_ranks
+                or not (isinstance(h, Tensor) and h.ndim == 2 and h.shape[0] > 0 and h.shape[1] == self.feature_dim
+                        and h.is_floating_point())
+                or not (isinstance(labels, Tensor) and labels.shape == h.shape[:1] and not labels.is_floating_point()
+                        and not labels.is_complex() and labels.dtype != torch.bool)
+                or not host_scalar(self, "initialised")):
+            return None
+        dev = h.device
+        if (self.fused_step is None and dev.type == "cpu"
+                and self.feature_dim * C * C > nearest_etf_module.NUMPY_MAX_WORK):
+            return None  # on the CPU a synchronisation is free, and the general route's products are smaller
+        dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+        grad = torch.is_grad_enabled() and h.requires_grad
+        no_autocast = (torch.autocast(dev.type, enabled=False) if torch.is_autocast_enabled(dev.type)
+                       else contextlib.nullcontext())
+        with torch.no_grad(), no_autocast:
+            k = self._constants(dev, dt)
+            if labels.device != dev:
+                labels = labels.to(dev, non_blocking=True)
+            x = h if h.dtype == dt else h.to(dt)
+            nrm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            n_c = nrm.clamp_min(_NORM_EPS)
+            f = torch.div(x, n_c).mul_(tr.tau)  # = tau F.normalize(h)
+            mu = f.mean(0)
+            fc = f - mu
+            onehot = labels.unsqueeze(1) == k.classes  # a label outside [0, C) gives a zero row: see counts below
+            counts = onehot.sum(0, dtype=dt)
+            Yk = torch.div(onehot, counts.clamp_min(1))  # B x C: 1/n_c on the rows of class c
+            X = fc.mT @ Yk  # d x C: class means minus the batch mean
+            t = host_scalar(tr, "step")
+            w = counts.clamp(max=tr.rate(t + 1))  # a_t for a class in the batch, 0 for an absent one
+            H_prev = tr.H if tr.H.dtype == dt else tr.H.to(dt)
+            H = torch.lerp(H_prev, X, w)  # H_prev + a_t (X - H_prev); an absent class keeps its column
+            U_prox = self.U_prox if self.U_prox.dtype == dt else self.U_prox.to(dt)
+            V = torch.cat([H, U_prox], dim=1, out=k.V)  # d x 2C, float64 (cat converts)
+            Kg = V.mT @ V
+            # the step's one host synchronisation: the Gram, and the class counts (they sum to B unless a label
+            # lies outside [0, C); cat converts them to float64)
+            host = torch.cat([Kg.view(-1), counts]).cpu().numpy()
+            nK = 4 * C * C
+            if host[nK:].sum() != h.shape[0]:
+                return None
+            sol = fused_step_host(host[:nK].reshape(2 * C, 2 * C), C, self.delta, dt,
+                                  grad and self.backprop_through_node)
+            if sol is None:
+                return None
+            st = SimpleNamespace(dev=dev, dt=dt, k=k, step=t, f=f, n_c=n_c, mask=nrm >= _NORM_EPS, mu=mu, fc=fc,
+                                 Yk=Yk, w=w, H=H, V=V, sol=sol)
+        with no_autocast:
+            out = _ImplicitETFStep.apply(h, self, st)
+        self.last_iterations = 0
+        return out
+
     def classifier(self) -> tuple[Tensor, Tensor | None]:
         return self.weight.detach(), self.bias.detach()
+
+
+def _upload(x, device: torch.device) -> Tensor:
+    """A host array or CPU tensor on ``device``, without waiting (from pageable memory, CUDA stages the copy)."""
+    return (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(device, non_blocking=True)
+
+
+class _ImplicitETFStep(torch.autograd.Function):
+    """One fused training step of :class:`ImplicitETFHead`, ``h -> logits``, as one autograd node.
+
+    Forward (given what :meth:`ImplicitETFHead._fused_forward` computed up to its host read-back: f = tau
+    h/||h||, mu, fc = f - mu, Yk (B x C, 1/n_c on the rows of class c), H = lerp(H_prev, fc^T Yk, w), V = [H |
+    U_prox], and the host's solve): ``[U | W^T | A] = V R`` (one product; a Newton-Schulz step first where it
+    is due), ``logits = fc W^T`` (= f W^T + b with b = -W mu), and the state: H, U_prox, W, b, the step.
+
+    Backward, for G = dL/dlogits (everything scaled by tau by starting from ``tau Pc``, so that the last line
+    needs no extra product):
+
+        G Pc' = tau G Pc;   tau dL/dfc = (G Pc') U^T  [+ Yk (tau dL/dX)^T through the node];
+        tau dL/dU = fc^T (G Pc');   the node (:class:`~nc_lib.nearest_etf.NearestETFFunction`'s formula with
+        A = U B):  What = A^T (tau dL/dU) B,  Y = What o P1 - What^T o P2,
+        tau dL/dHbar / n = (tau dL/dU) (N Cc/n) + A (Y (B^T Cc/n));   Hbar = H/n:  dL/dH = g - H <H, g>/n^2;
+        dL/dX = w o dL/dH (lerp; an absent class, w = 0, gets none);   dL/df = dL/dfc - mean_rows(dL/dfc);
+        dL/dh = (tau dL/df - f <f, tau dL/df>/tau^2 [||h|| >= eps]) / max(||h||, eps)   (F.normalize's).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, head: ImplicitETFHead, st: SimpleNamespace) -> Tensor:
+        C, sol, dev = head.num_classes, st.sol, st.dev
+        R = _upload(sol.R, dev)
+        if sol.after is None:
+            UWA = st.V @ R
+        else:  # eps cond(Z)^2 too large for the output's dtype: one Newton-Schulz step on U first
+            UWA = _newton_schulz(st.V @ R) @ _upload(sol.after, dev)
+        if UWA.dtype != st.dt:
+            UWA = UWA.to(st.dt)
+        parts = UWA.split(C, dim=1)
+        U, Wt = parts[0], parts[1]
+        W = Wt.mT
+        logits = st.fc @ Wt
+        if head.bias.dtype == st.dt:  # b = -W mu (beta = 0: the bias buffer's old values are ignored)
+            b = torch.addmv(head.bias, W, st.mu, beta=0, alpha=-1)
+        else:
+            b = torch.mv(W, st.mu).neg_()
+        tr = head.tracker
+        torch._foreach_copy_([tr.H, head.U_prox, head.weight, head.bias], [st.H, U, W, b])
+        tr.step.add_(1)
+        set_host_scalar(tr, "step", st.step + 1)
+        ctx.tau, ctx.tau_pc, ctx.through = tr.tau, st.k.tau_pc, sol.consts is not None
+        if ctx.through:
+            ctx.consts, ctx.inv_norm2 = sol.consts, sol.inv_norm2
+            ctx.save_for_backward(st.f, st.n_c, st.mask, U, st.fc, st.Yk, st.H, parts[2], st.w)
+        else:
+            ctx.save_for_backward(st.f, st.n_c, st.mask, U)
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        f, n_c, mask, U, *rest = ctx.saved_tensors
+        no_autocast = (torch.autocast(f.device.type, enabled=False) if torch.is_autocast_enabled(f.device.type)
+                       else contextlib.nullcontext())
+        with no_autocast:
+            if grad.dtype != f.dtype:
+                grad = grad.to(f.dtype)
+            gP = grad @ ctx.tau_pc  # tau G Pc
+            g = gP @ U.mT  # tau dL/dfc through the logits
+            if ctx.through:
+                fc, Yk, H, A, w = rest
+                B, P1, P2, NC, BtC = _upload(ctx.consts, f.device).unbind(0)
+                gU = fc.mT @ gP  # tau dL/dU
+                What = (A.mT @ gU) @ B
+                Y = torch.addcmul(What * P1, What.mT, P2, value=-1.0)
+                gH = torch.addmm(gU @ NC, A, Y @ BtC)  # tau dL/dHbar / ||H||
+                gX = torch.addcmul(gH, H, (H * gH).sum(), value=-ctx.inv_norm2).mul_(w)  # tau dL/dX
+                g = torch.addmm(g, Yk, gX.mT)
+            g = g.sub_(g.mean(0))  # tau dL/df
+            rd = (f * g).sum(1, keepdim=True).mul_(mask)
+            gh = torch.addcmul(g, f, rd, value=-1.0 / (ctx.tau * ctx.tau)).div_(n_c)
+        return gh, None, None
 
 
 class NormalisedHead(Head):

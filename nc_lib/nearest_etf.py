@@ -32,6 +32,10 @@ Pieces
   breaks at collapse (repeated singular values); s_i + s_j stays positive.
 * :func:`nearest_etf`, :func:`nearest_etf_distance`, :func:`etf_distance_between` -- Markou's
   "ETF distances" for the metrics (delta = 0: U* is then not unique, but U* Mt and the distance are).
+* :func:`fused_step_host` -- the C x C part of the implicit ETF head's fused training step, on the host in
+  float64 from the Gram of ``[H | U_prox]`` (the head's one host synchronisation per step); :func:`host_scalar`
+  mirrors a 0-d buffer (the tracker's step, the head's ``initialised`` flag) on the host, so that reading it
+  does not wait for the GPU.
 * The heads built on the node live in :mod:`nc_lib.heads` (:class:`~nc_lib.heads.ImplicitETFHead`,
   :class:`~nc_lib.heads.CosineHead`); the sampler that puts every class in every batch, as the inner
   problem wants every class mean, in :mod:`nc_lib.data` (:class:`~nc_lib.data.StratifiedBatchSampler`).
@@ -56,6 +60,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,6 +118,35 @@ def _check_finite(where: str, **tensors) -> None:
             msg = _nonfinite_message(name, X, where)
             if msg is not None:
                 raise ValueError(msg)
+
+
+def host_scalar(module: nn.Module, name: str):
+    """The value of ``module``'s 0-d buffer ``name`` as a Python number, read once and mirrored on the host.
+
+    Reading a device tensor on the host waits for the GPU (a synchronisation); a step counter or a flag
+    that only this module writes need not be read every step. The mirror is re-read when the buffer was
+    replaced (``module.to(...)``, ``load_state_dict(assign=True)``) or written in place (``load_state_dict``,
+    ``fill_``: its version counter moved) since it was taken; :func:`set_host_scalar` records a write."""
+    t = getattr(module, name)
+    seen = module.__dict__.get("_host_scalars", {}).get(name)
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor has no version counter: read it every time
+        return t.item()
+    if seen is not None and seen[0] is t and seen[1] == version:
+        return seen[2]
+    value = t.item()
+    module.__dict__.setdefault("_host_scalars", {})[name] = (t, version, value)
+    return value
+
+
+def set_host_scalar(module: nn.Module, name: str, value) -> None:
+    """Record that ``module``'s buffer ``name`` now holds ``value`` (call right after writing it)."""
+    t = getattr(module, name)
+    try:
+        module.__dict__.setdefault("_host_scalars", {})[name] = (t, t._version, value)
+    except RuntimeError:  # pragma: no cover - inference tensors: nothing to mirror
+        pass
 
 
 def apply_mt(X: Tensor) -> Tensor:
@@ -677,6 +711,116 @@ def nearest_etf_node(Hbar: Tensor, U_prox: Tensor, delta: float = DEFAULT_DELTA,
     return U, info["iterations"]
 
 
+# --------------------------------------------------------------------------- the implicit head's fused step, host part
+class FusedHostSolve(NamedTuple):
+    """What :func:`fused_step_host` hands back to the device (host arrays or CPU tensors, see there)."""
+
+    R: np.ndarray | Tensor
+    after: np.ndarray | Tensor | None
+    consts: np.ndarray | Tensor | None
+    inv_norm2: float
+
+
+FUSED_NUMPY_MAX_C = 32
+""":func:`fused_step_host` runs on NumPy up to this C (a microsecond per call), on torch's CPU above it (its
+BLAS and LAPACK follow ``torch.set_num_threads``; NumPy's OpenBLAS threads fight over a busy machine's cores)."""
+HOST_SOLVE_RANGE = "nc_lib.fused_step_host"
+"""The profiler range around the host solve on torch (its tensors are on the host: no device synchronisation)."""
+
+
+def fused_step_host(K: np.ndarray, C: int, delta: float, dtype: torch.dtype, grad: bool) -> FusedHostSolve | None:
+    """The C x C part of one fused training step of the implicit ETF head (:class:`nc_lib.heads.ImplicitETFHead`),
+    on the host in float64: everything the node needs from its d x C inputs is their Gram.
+
+    ``K = V^T V`` (2C x 2C, float64) is the Gram of ``V = [H | U_prox]`` (d x C each; H the tracker's running
+    class means, not yet normalised). With ``n = ||H||_F = sqrt(tr K11)``, ``A1 = Cc/n`` and the node's
+    ``Zc = H A1 + wp U_prox`` (:class:`NearestETFFunction`: ``Cc = (I - 11^T/C)/c``, c and wp as there),
+
+        G = Zc^T Zc = A1 K11 A1 + wp (A1 K12 + K21 A1) + wp^2 K22 = B S^2 B^T,   N = B S^-1 B^T,
+        U = Zc N = V [A1 N; wp N],
+
+    so that the device needs one product of V with a 2C x 3C matrix for ``[U | W^T | A]`` (``W^T = U Pc``, the
+    classifier of :func:`etf_classifier`, ``Pc = sqrt(C/(C-1)) (I - 11^T/C)``; ``A = U B``, the left singular
+    vectors, for the backward). Returns a :class:`FusedHostSolve`: ``R`` (float64; ``V @ R = [U | W^T | A]``,
+    without A when ``grad`` is False), or, where a Newton-Schulz step is due (eps cond(Z)^2 above
+    ``NS_THRESHOLD`` for float64 output, ``NS_THRESHOLD_LOW`` otherwise, as the node), ``R = [A1 N; wp N]`` and
+    ``after`` (``U [I | Pc | B]``, applied to U after the step); ``consts`` (``grad``: 5 x C x C in ``dtype``, the
+    node backward's B, P1, P2, N Cc/n and B^T Cc/n; see :class:`NearestETFFunction`, whose N Cc and B^T Cc are
+    here divided by n to carry the gradient from Hbar = H/n to H); ``inv_norm2 = 1/n^2``. NumPy arrays up to
+    ``C = FUSED_NUMPY_MAX_C``, CPU tensors above.
+
+    None where this route does not apply: K not finite, H = 0, or the Gram route cannot reach the SVD's accuracy
+    (:func:`_gram_kernel`). The caller then runs the general route, which raises the right error or takes the SVD.
+    """
+    if C <= FUSED_NUMPY_MAX_C:
+        return _fused_step_host(K, C, delta, dtype, grad, np)
+    from torch.profiler import record_function
+
+    with record_function(HOST_SOLVE_RANGE):
+        return _fused_step_host(torch.from_numpy(K), C, delta, dtype, grad, torch)
+
+
+def _fused_step_host(K, C: int, delta: float, dtype: torch.dtype, grad: bool, xp) -> FusedHostSolve | None:
+    """:func:`fused_step_host` on ``xp`` (``numpy`` for NumPy arrays, ``torch`` for CPU tensors)."""
+    on_np = xp is np
+    n2 = float(K[:C, :C].trace())
+    if not (0.0 < n2 < math.inf and math.isfinite(float(K.sum()))):  # the sum: NaN or Inf anywhere in K
+        return None
+    r = math.sqrt(C - 1)
+    c = 0.5 * delta * r
+    c = c if 1e-150 < c < 1e150 else 1.0
+    wp = 0.5 * delta * r / c
+    n = math.sqrt(n2)
+    if on_np:  # small C: few calls (each costs a microsecond, its arithmetic nothing); Zc = V M, M = [A1; wp I]
+        M = _fused_left(C, c, wp).copy()
+        M[:C] /= n
+        A1 = M[:C]
+        G = M.T @ K @ M
+    else:  # large C: A1 = (I - 11^T/C)/(c n) as centrings of columns (rows), O(C^2) instead of products, C^3
+        def left(X):
+            return (X - X.sum(0)[None, :] / C) / (c * n)
+
+        T = left(K[:C, C:])
+        G = left(left(K[:C, :C]).T) + wp * (T + T.T) + (wp * wp) * K[C:, C:]  # K11 and G are symmetric
+    out = _gram_kernel(G, C)
+    if out is None:
+        return None
+    N, S, B, cond2, iS = out
+    Pc, eye = _centering_numpy(C, math.sqrt((C - 1) / C)), _eye(C)
+    if on_np:
+        Mf, AN, BA = M @ N, N @ A1, B.T @ A1
+        after = np.concatenate([eye, Pc, B] if grad else [eye, Pc], 1)
+    else:
+        Mf, AN, BA = torch.cat([left(N), wp * N]), left(N).T, left(B).T  # N @ A1 = (A1 N)^T: N, A1 symmetric
+        after = torch.cat([torch.from_numpy(x.copy()) for x in (eye, Pc)] + ([B] if grad else []), 1)
+    ns = cond2 * _EPS64 > (NS_THRESHOLD if dtype == torch.float64 else NS_THRESHOLD_LOW)
+    R, after = (Mf, after) if ns else (Mf @ after, None)
+    consts = None
+    if grad:  # B, P1 = P2 - 1/s_j, P2 = 1/(s_i + s_j), N Cc/n, B^T Cc/n
+        P2 = 1.0 / (S[:, None] + S[None, :])
+        if on_np:
+            consts = np.empty((5, C, C), np.float64 if dtype == torch.float64 else np.float32)
+            consts[0], consts[1], consts[2], consts[3], consts[4] = B, P2 - iS, P2, AN, BA
+        else:
+            consts = torch.stack([B, P2 - iS, P2, AN, BA]).to(dtype)
+    return FusedHostSolve(R, after, consts, 1.0 / n2)
+
+
+@functools.lru_cache(maxsize=32)
+def _fused_left(C: int, c: float, wp: float) -> np.ndarray:
+    """``[(I - 11^T/C)/c; wp I]`` (2C x C, float64, read-only): Zc = [H | U_prox] this, with its top block / ||H||."""
+    M = np.concatenate([_centering_numpy(C, c), wp * np.eye(C)])
+    M.flags.writeable = False
+    return M
+
+
+@functools.lru_cache(maxsize=32)
+def _eye(C: int) -> np.ndarray:
+    E = np.eye(C)
+    E.flags.writeable = False
+    return E
+
+
 # --------------------------------------------------------------------------- dense KKT reference
 def kkt_memory_bytes(C: int, d: int, dtype: torch.dtype = torch.float64) -> int:
     """Bytes :func:`kkt_backward_dense` allocates: the dense constraint Jacobian A
@@ -871,7 +1015,8 @@ class FeatureMeanTracker(nn.Module):
         means = sums / counts.clamp_min(1).to(f.dtype)[:, None]
         H_prev = self.H.to(f.dtype)
         X = torch.where((counts > 0)[None, :], (means - mu_G).mT, H_prev)
-        a = self.rate(int(self.step) + 1)
+        t = host_scalar(self, "step")  # mirrored on the host: no synchronisation per step
+        a = self.rate(t + 1)
         H = a * X + (1.0 - a) * H_prev
         # a NaN or Inf feature makes its class mean and mu_G, so H, non-finite: one scalar of the small d x C H
         # tells (a host sync on a GPU, as the step and the labels' range above), before the state is touched
@@ -880,6 +1025,7 @@ class FeatureMeanTracker(nn.Module):
         with torch.no_grad():
             self.step += 1
             self.H.copy_(H.detach())
+        set_host_scalar(self, "step", t + 1)
         return H / H.norm(), mu_G
 
     def _raise_nonfinite(self, f: Tensor, H_prev: Tensor, name: str) -> None:
