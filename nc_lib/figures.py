@@ -445,35 +445,51 @@ def figure_jobs(jobs: str | int, scale: str) -> int:
         raise ValueError(f"{err} Give a number of notebooks >= 1 or 'auto'.") from None
 
 
-def run_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int = 1,
-                  extra: dict[str, Any] | None = None) -> dict[str, float]:
-    """Execute ``books`` with papermill at ``scale`` (:func:`run_notebook`, with the ``extra`` parameters),
-    ``jobs`` at a time, each in a process of its own; returns {notebook stem: seconds}. Every notebook runs even when one fails; then
-    the first failure is raised."""
-    timings: dict[str, float] = {}
+def execute_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int = 1,
+                      extra: dict[str, Any] | None = None, timeout: int | None = None) -> dict[str, float | BaseException]:
+    """Execute every one of ``books`` with papermill at ``scale`` (:func:`run_notebook`, with the ``extra``
+    parameters and the per-cell ``timeout``), ``jobs`` at a time, each side-by-side notebook in a process of its
+    own. Returns {notebook stem: seconds, or the exception it failed with}: one failure stops no other notebook."""
+    def report(nb: Path, outcome: float | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            print(f"[figures] {nb.name} failed: {type(outcome).__name__}: {str(outcome)[:300]}", flush=True)
+        else:
+            print(f"[figures] {nb.name}: {outcome:.1f} s", flush=True)
+
+    outcomes: dict[str, float | BaseException] = {}
     if jobs == 1 or len(books) < 2:
         for nb in books:
             print(f"[figures] {nb.name} at scale {scale} ...", flush=True)
-            timings[nb.stem] = run_notebook(nb, scale, build_dir, extra)
-            print(f"[figures] {nb.name}: {timings[nb.stem]:.1f} s", flush=True)
-        return timings
+            try:
+                outcomes[nb.stem] = run_notebook(nb, scale, build_dir, extra, timeout)
+            except Exception as err:  # noqa: BLE001 -- the caller decides
+                outcomes[nb.stem] = err
+            report(nb, outcomes[nb.stem])
+        return outcomes
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    errors: list[BaseException] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         print(f"[figures] {len(books)} notebooks at scale {scale}, {jobs} at a time ...", flush=True)
-        futures = {nb: pool.submit(run_notebook, nb, scale, build_dir, extra) for nb in books}
+        futures = {nb: pool.submit(run_notebook, nb, scale, build_dir, extra, timeout) for nb in books}
         for nb, fut in futures.items():
             try:
-                timings[nb.stem] = fut.result()
-                print(f"[figures] {nb.name}: {timings[nb.stem]:.1f} s", flush=True)
-            except BaseException as err:  # noqa: BLE001 -- reported after the others finished
-                print(f"[figures] {nb.name} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
-                errors.append(err)
+                outcomes[nb.stem] = fut.result()
+            except Exception as err:  # noqa: BLE001 -- the caller decides
+                outcomes[nb.stem] = err
+            report(nb, outcomes[nb.stem])
+    return outcomes
+
+
+def run_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int = 1,
+                  extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """:func:`execute_notebooks`, then the first failure raised (after every notebook ran); returns
+    {notebook stem: seconds}."""
+    outcomes = execute_notebooks(books, scale, build_dir, jobs, extra)
+    errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
     if errors:
         raise errors[0]
-    return timings
+    return {k: float(v) for k, v in outcomes.items()}  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,26 @@ def shared(tmp_path_factory):
     return tmp_path_factory.mktemp("make-figures")
 
 
+@pytest.fixture(scope="module")
+def executed(shared, request) -> dict:
+    """The notebooks of the selected ``test_notebook_runs_at_quick_scale`` tests, executed at quick scale as
+    `make figures` does it: two side by side on this machine's cores (``figure_jobs("auto", "quick")``), into the
+    shared figures folder and run store; {stem: seconds or the exception it failed with}."""
+    selected = {item.callspec.params["notebook"] for item in request.session.items
+                if item.originalname == "test_notebook_runs_at_quick_scale"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NC_FIGURES_DIR", str(shared / "figures"))
+        mp.setenv("NC_RUNS_DIR", str(shared / "runs"))
+        return figures.execute_notebooks([nb for nb in NOTEBOOKS if nb in selected], "quick", shared / "executed",
+                                         jobs=figures.figure_jobs("auto", "quick"), timeout=900)
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_at_quick_scale(notebook: Path, shared, monkeypatch):
+def test_notebook_runs_at_quick_scale(notebook: Path, shared, executed):
     out = shared / "figures"
-    monkeypatch.setenv("NC_FIGURES_DIR", str(out))
-    monkeypatch.setenv("NC_RUNS_DIR", str(shared / "runs"))
-    figures.run_notebook(notebook, "quick", shared / "executed", timeout=900)
+    outcome = executed[notebook.stem]
+    if isinstance(outcome, BaseException):
+        raise outcome
     RAN.add(notebook.stem)
     owned = [k for k, v in figures.CATALOGUE.items() if v["notebook"] == notebook.stem]
     manifest = figures.read_manifest(out)
