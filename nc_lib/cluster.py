@@ -376,25 +376,30 @@ def _dataset_sizes(c: TrainConfig) -> tuple[int, int, int, tuple[int, ...]]:
 def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device: str | torch.device | None = None,
                 eval_steps: int = 2) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) and ``eval_steps`` measurement batches of a
-    configuration on random inputs of its dataset's shape, and extrapolate to the whole run:
+    configuration on random inputs of its dataset's shape, already on the device (the engine's device-resident
+    data; its throughput options, bfloat16 training and float32 measurements as the engine runs them), and
+    extrapolate to the whole run:
 
         epoch_s   = step_s * ceil(N_train / batch_size)
         measure_s = eval_s * ceil((N_train [x2 with train_sample_pass] + N_test) / eval_batch_size)
         total_s   = epochs * epoch_s + len(measurement_epochs) * measure_s
     """
-    from .config import build_run_model, resolve_device
+    from .config import build_run_model, prepare_for_training, resolve_device
     from .features import autocast
     from .train import _make_optimizer
 
     steps = check_int("steps", steps, 1)
     dev = resolve_device(config.device) if device is None else torch.device(device)
     C, n_train, n_test, shape = _dataset_sizes(config)
-    model = build_run_model(config, dev, {"num_classes": C, "input_shape": list(shape)})
+    model = prepare_for_training(build_run_model(config, dev, {"num_classes": C, "input_shape": list(shape)}),
+                                 config, dev)  # channels_last, compile: as the engine trains it
     opt = _make_optimizer(config, model)
     ce = torch.nn.CrossEntropyLoss()
     B = min(config.batch_size, n_train)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *shape), generator=g).to(dev)
+    if config.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, C, (B,), generator=g).to(dev)
     needs_labels = bool(getattr(model.head, "needs_labels", False))
     amp = config.amp and dev.type == "cuda" and config.optimizer != "lbfgs"
@@ -429,7 +434,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     model.eval()
     EB = min(config.eval_batch_size, n_train)
     xe = torch.randn((EB, *shape), generator=g).to(dev)
-    with torch.no_grad(), autocast(dev, amp):
+    with torch.no_grad():  # measurements run in float32, also after bfloat16 training
         model(xe)
         sync()
         t0 = time.perf_counter()
