@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16 in one short script (about 6-8 minutes on one H100/H200), for a session lent a GPU:
+# The GPU checks of issue 16 in one short script (its timeouts add up to under 12 minutes; never run yet), for a session lent a GPU:
 #   OUT=/some/folder bash tools/gpu_checks.sh
 # Writes into $OUT (default docs/results/gpu): the device, the GPU tests' log, and the JSON of each benchmark.
 # What each measures against its target (issue 16, "Measure"):
