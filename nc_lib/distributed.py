@@ -341,6 +341,8 @@ class DistributedEpochBatchSampler(Sampler[list[int]]):
 
 
 def _loader(dataset: Dataset, sampler: Sampler, pin: bool = False) -> DataLoader:
+    if isinstance(dataset, ArrayDataset) and dataset.device.type != "cpu":
+        pin = False  # device-resident: batches are indexed where they live (as nc_lib.data.make_loader does)
     kwargs: dict[str, Any] = {"batch_sampler": sampler, "pin_memory": pin}
     if isinstance(dataset, ArrayDataset):
         kwargs["collate_fn"] = _batch_identity
@@ -383,7 +385,7 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
                         launcher="nc_lib.distributed")
     train_set, test_set = place_run_data(config, load_run_data(config), device)
     C = train_set.num_classes
-    pin = device.type == "cuda" and getattr(train_set, "device", torch.device("cpu")).type == "cpu"
+    pin = device.type == "cuda"  # host-resident batches only (_loader drops it for device-resident data)
     sampler = DistributedEpochBatchSampler(len(train_set), config.batch_size, seed=config.seed,
                                            labels=train_set.targets if config.stratified_batches else None)
     train_loader = _loader(train_set, sampler, pin)

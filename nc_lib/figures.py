@@ -450,6 +450,12 @@ def execute_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int 
     """Execute every one of ``books`` with papermill at ``scale`` (:func:`run_notebook`, with the ``extra``
     parameters and the per-cell ``timeout``), ``jobs`` at a time, each side-by-side notebook in a process of its
     own. Returns {notebook stem: seconds, or the exception it failed with}: one failure stops no other notebook."""
+    def attempt(run: Any) -> float | BaseException:
+        try:
+            return run()
+        except Exception as err:  # noqa: BLE001 -- the caller decides
+            return err
+
     def report(nb: Path, outcome: float | BaseException) -> None:
         if isinstance(outcome, BaseException):
             print(f"[figures] {nb.name} failed: {type(outcome).__name__}: {str(outcome)[:300]}", flush=True)
@@ -460,10 +466,7 @@ def execute_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int 
     if jobs == 1 or len(books) < 2:
         for nb in books:
             print(f"[figures] {nb.name} at scale {scale} ...", flush=True)
-            try:
-                outcomes[nb.stem] = run_notebook(nb, scale, build_dir, extra, timeout)
-            except Exception as err:  # noqa: BLE001 -- the caller decides
-                outcomes[nb.stem] = err
+            outcomes[nb.stem] = attempt(functools.partial(run_notebook, nb, scale, build_dir, extra, timeout))
             report(nb, outcomes[nb.stem])
         return outcomes
     import multiprocessing
@@ -473,10 +476,7 @@ def execute_notebooks(books: list[Path], scale: str, build_dir: Path, jobs: int 
         print(f"[figures] {len(books)} notebooks at scale {scale}, {jobs} at a time ...", flush=True)
         futures = {nb: pool.submit(run_notebook, nb, scale, build_dir, extra, timeout) for nb in books}
         for nb, fut in futures.items():
-            try:
-                outcomes[nb.stem] = fut.result()
-            except Exception as err:  # noqa: BLE001 -- the caller decides
-                outcomes[nb.stem] = err
+            outcomes[nb.stem] = attempt(fut.result)
             report(nb, outcomes[nb.stem])
     return outcomes
 
