@@ -456,7 +456,9 @@ def dry_run(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, steps
             device: str | torch.device | None = None, runs_dir: str | os.PathLike | None = None,
             print_table: bool = True) -> list[dict[str, Any]]:
     """List a grid's configurations and estimate the device hours of each from a timed fraction of
-    its first epoch (:func:`time_config`). Runs already finished in the store cost nothing.
+    its first epoch (:func:`time_config`). Runs already finished in the store cost nothing, and a run
+    the grid lists more than once (the same configuration hash under two keys) is priced once: its
+    later rows say ``same as <first key>``.
 
     Returns one row per run (``key``, ``dataset``, ``model``, ``epochs``, ``batch_size``, ``lr``,
     ``hash``, ``status``, ``epoch_s``, ``measure_s``, ``hours``, ``device``) and prints a table with a
@@ -469,6 +471,7 @@ def dry_run(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, steps
         raise ValueError("configs is empty: give at least one TrainConfig.")
     rows: list[dict[str, Any]] = []
     cache: dict[str, dict[str, Any]] = {}
+    first_key: dict[str, str] = {}  # run hash -> the first key that lists it (a grid may list a run twice)
     with _RunsDir(None if runs_dir is None else str(runs_dir)):
         for key, c in items:
             c = _as_config(c)
@@ -484,12 +487,14 @@ def dry_run(configs: Mapping[Any, TrainConfig] | Iterable[TrainConfig], *, steps
             t = dict(cache[timing_key])
             n_measure = len(c.measurement_epochs())
             total = c.epochs * t["epoch_s"] + n_measure * t["measure_s"]
-            finished = is_finished(c)
+            h = c.config_hash()
+            status = "finished" if is_finished(c) else f"same as {first_key[h]}" if h in first_key else "todo"
+            first_key.setdefault(h, "" if key is None else str(key))
             rows.append({"key": "" if key is None else str(key), "dataset": c.dataset, "model": c.model,
-                         "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "hash": c.config_hash(),
-                         "status": "finished" if finished else "todo", "n_train": t["n_train"],
+                         "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "hash": h,
+                         "status": status, "n_train": t["n_train"],
                          "epoch_s": t["epoch_s"], "measure_s": t["measure_s"], "measurements": n_measure,
-                         "hours": 0.0 if finished else total / 3600.0, "device": t["device_name"]})
+                         "hours": total / 3600.0 if status == "todo" else 0.0, "device": t["device_name"]})
     if print_table:
         print(format_table(rows))
     return rows
@@ -512,7 +517,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     total = sum(r["hours"] for r in rows)
     gpu = any(r["device"] != "cpu" for r in rows)
     todo = sum(r["status"] == "todo" for r in rows)
-    lines.append(f"{len(rows)} runs ({todo} to train): {total:.4g} {'GPU' if gpu else 'CPU'} hours "
+    repeats = sum(r["status"].startswith("same as") for r in rows)
+    lines.append(f"{len(rows)} runs ({todo} to train{f', {repeats} listed twice' if repeats else ''}): {total:.4g} {'GPU' if gpu else 'CPU'} hours "
                  f"(one device per run; timed on {rows[0]['device'] if rows else '-'})")
     return "\n".join(lines)
 

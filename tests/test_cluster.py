@@ -191,9 +191,10 @@ def test_dry_run_lists_and_prices_a_tiny_grid(store, capsys):
     done = tiny(0.05, epochs=1)
     RunJob(store)(done.to_dict())
     grid["done"] = done
+    grid["again"] = grid["mlp-digits"].replace()  # the same run under a second key: trained once, priced once
     rows = dry_run(grid, steps=2)
     out = capsys.readouterr().out
-    assert [r["key"] for r in rows] == ["mlp-digits", "mlp-cifar", "done"]
+    assert [r["key"] for r in rows] == ["mlp-digits", "mlp-cifar", "done", "again"]
     by = {r["key"]: r for r in rows}
     assert by["mlp-cifar"]["n_train"] == 50000 and by["mlp-digits"]["n_train"] == 200  # no CIFAR download needed
     assert by["mlp-cifar"]["measurements"] == 3 and by["mlp-digits"]["measurements"] == 3
@@ -202,7 +203,8 @@ def test_dry_run_lists_and_prices_a_tiny_grid(store, capsys):
         assert r["status"] == "todo" and r["epoch_s"] > 0 and r["measure_s"] > 0
         assert r["hours"] == pytest.approx((r["epochs"] * r["epoch_s"] + r["measurements"] * r["measure_s"]) / 3600)
     assert by["done"]["status"] == "finished" and by["done"]["hours"] == 0.0
-    assert "mlp-cifar" in out and "3 runs (2 to train)" in out and "CPU hours" in out
+    assert by["again"]["status"] == "same as mlp-digits" and by["again"]["hours"] == 0.0
+    assert "mlp-cifar" in out and "4 runs (2 to train, 1 listed twice)" in out and "CPU hours" in out
 
 
 def test_dry_run_command_line(monkeypatch, store, capsys, tmp_path):

@@ -9,7 +9,8 @@ from nc_lib.etf import equiangularity, equinorm, gram_distance_to_etf
 from nc_lib.metrics import PAPER_NAMES
 from nc_lib.models import build_model, count_parameters
 from nc_lib.papers import zhu2021
-from nc_lib.papers.zhu2021.grid import MEDIUM_PER_CLASS
+from nc_lib.papers.zhu2021.grid import (MEDIUM_LBFGS_EPOCHS, MEDIUM_MEASURE_EVERY, MEDIUM_PER_CLASS,
+                                       MEDIUM_RESNET50_WIDTH, MEDIUM_RL_PER_CLASS, MEDIUM_STEM)
 from nc_lib.config import TrainConfig
 from nc_lib.train import train
 
@@ -208,23 +209,33 @@ def test_quick_grid_is_fashion_mnist_on_conv_nets_and_small():
 
 
 def test_medium_grid_is_the_papers_protocol_on_fashion_mnist():
-    """medium = paper with only the dataset, the per-class count and the widths changed."""
+    """medium = paper with only the declared sizes changed: dataset, per-class count, widths, stem, measurement
+    epochs and LBFGS's epochs; every note names each of them."""
     paper, medium = zhu2021.grid("paper", amp=False), zhu2021.grid("medium")  # the paper grid in float32, as medium
     assert set(medium) == set(paper)
     for exp in paper:
         assert len(medium[exp]) == len(paper[exp]), exp
         for p, m in zip(paper[exp].values(), medium[exp].values()):
-            assert m.dataset == "fashionmnist" and m.per_class == MEDIUM_PER_CLASS < 6000
+            assert m.dataset == "fashionmnist"
+            assert m.per_class == (MEDIUM_RL_PER_CLASS if p.random_labels else MEDIUM_PER_CLASS) < 6000
             same = {k: v for k, v in p.to_dict().items()
-                    if k not in ("dataset", "per_class", "width", "model_kwargs", "tag")}
+                    if k not in ("dataset", "per_class", "width", "model_kwargs", "tag", "epochs", "measure_epochs")}
             assert {k: m.to_dict()[k] for k in same} == same, (exp, p.model)
-            assert m.epochs == 200 and m.feature_dim == p.feature_dim
+            assert m.epochs == (MEDIUM_LBFGS_EPOCHS if p.optimizer == "lbfgs" else 200)
+            assert m.measure_epochs[0] == MEDIUM_MEASURE_EVERY and m.measurement_epochs()[-1] == m.epochs
+            assert m.feature_dim == p.feature_dim
             if p.model == "mlp":
                 assert m.model_kwargs["hidden"] < p.model_kwargs["hidden"]
                 assert m.model_kwargs["depth"] == p.model_kwargs["depth"]
             else:
-                assert m.width < p.width and m.model_kwargs == p.model_kwargs
-    assert "Fashion-MNIST" in zhu2021.note("fig6", "medium") and "200 epochs" in zhu2021.note("fig6", "medium")
+                assert m.width < p.width and m.model_kwargs == {**p.model_kwargs, "stem": MEDIUM_STEM}
+    for exp in zhu2021.EXPERIMENTS + ("table1",):
+        note = zhu2021.note(exp, "medium")
+        assert "Fashion-MNIST" in note and "200 epochs" in note and "ImageNet stem" in note, exp
+        assert f"measured every {MEDIUM_MEASURE_EVERY} epochs" in note, exp
+    assert f"LBFGS {MEDIUM_LBFGS_EPOCHS} epochs" in zhu2021.note("fig3", "medium")
+    assert f"ResNet50 at width x{MEDIUM_RESNET50_WIDTH:g}" in zhu2021.note("fig6_resnet50", "medium")
+    assert f"{MEDIUM_RL_PER_CLASS} images per class" in zhu2021.note("fig4", "medium")
 
 
 def test_bad_inputs_name_the_parameter():

@@ -21,9 +21,13 @@ ResNet18), ImageNet ResNet50, CIFAR10 VGG13; 200 epochs, batch 256, tau 5 (the h
 0-4, crop+flip augmentation, stratified batches (every class in every batch). Optimiser: AGD as the released
 scripts (:mod:`nc_lib.agd`; no lr, schedule or weight decay; biases and BN affine frozen), or SGD
 (lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 100 and 150) with ``optimizer="sgd"``; which
-one the paper used for each dataset is not stated. ``medium``: that protocol unchanged on Fashion-MNIST
-(offline), only the per-class count (:data:`MEDIUM_PER_CLASS`; STL10's small-data stand-in
-:data:`MEDIUM_STL10_PER_CLASS`, two stratified batches of 256) and the widths (x :data:`MEDIUM_WIDTH`) reduced.
+one the paper used for each dataset is not stated. ``medium``: that protocol (epochs, batch, optimiser,
+schedule, augmentation) on Fashion-MNIST (offline), sized like Papyan's medium grid (the dry run prices it at
+1.9 CPU hours on the 2-core machine that prices Papyan's at 1.3): the per-class count (:data:`MEDIUM_PER_CLASS`;
+STL10's small-data stand-in :data:`MEDIUM_STL10_PER_CLASS`, two stratified batches of 256), the widths
+(ResNet18 x :data:`MEDIUM_WIDTH`, ResNet50 x :data:`MEDIUM_RESNET50_WIDTH`, VGG13 x :data:`MEDIUM_VGG13_WIDTH`),
+:data:`MEDIUM_SEEDS` seeds and the ImageNet stem on every ResNet (so the ImageNet and CIFAR100 stand-ins are
+the same runs, as at quick).
 ``quick``: Fashion-MNIST and narrow convolutional networks (width 1/8, ImageNet stem: 28 -> 7 pixels),
 :data:`QUICK_PER_CLASS` images per class (STL10's stand-in :data:`QUICK_STL10_PER_CLASS`), 12 epochs,
 batch 128, 2 seeds.
@@ -178,6 +182,14 @@ QUICK_WIDTH = 0.125
 MEDIUM_PER_CLASS = 200
 MEDIUM_STL10_PER_CLASS = 50
 MEDIUM_WIDTH = 0.25
+#: medium ResNet50 and VGG13 widths (with every width x0.25, the CIFAR stem and five seeds the dry run priced the grid
+#: at 26.9 CPU hours on a 2-core machine)
+MEDIUM_RESNET50_WIDTH = 0.0625
+MEDIUM_VGG13_WIDTH = 0.125
+#: medium seeds (the paper's five made 75 runs) and stem (the ImageNet stem, 28 -> 7 pixels, on every ResNet:
+#: the CIFAR stem keeps 28 x 28 maps through layer1 and costs about 8x more)
+MEDIUM_SEEDS = (0, 1)
+MEDIUM_STEM = "imagenet"
 
 #: the real-data entries: key -> (the paper's dataset, network, name)
 REAL_ENTRIES = {"fig4": ("imagenet", "resnet50", "ImageNet ResNet50"),
@@ -195,8 +207,8 @@ def real_grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None 
 
     paper: the paper's datasets and networks (CIFAR stem on CIFAR/STL10, ImageNet stem on ImageNet), 200
     epochs, batch 256, 5 seeds, crop + flip. medium: the same protocol on Fashion-MNIST with
-    :data:`MEDIUM_PER_CLASS` per class (STL10's stand-in :data:`MEDIUM_STL10_PER_CLASS`) and widths x :data:`MEDIUM_WIDTH`, the
-    paper's stems. quick: Fashion-MNIST, every network at width :data:`QUICK_WIDTH` with the ImageNet stem
+    :data:`MEDIUM_PER_CLASS` per class (STL10's stand-in :data:`MEDIUM_STL10_PER_CLASS`), the medium widths,
+    :data:`MEDIUM_SEEDS` seeds and the ImageNet stem (see the module docstring). quick: Fashion-MNIST, every network at width :data:`QUICK_WIDTH` with the ImageNet stem
     (ResNet50 for ImageNet and CIFAR100 -- the same runs, Fashion-MNIST has 10 classes --, ResNet18 for
     CIFAR10 and STL10, VGG13 for VGG13), :data:`QUICK_PER_CLASS` per class (STL10: :data:`QUICK_STL10_PER_CLASS`),
     no augmentation, 12 epochs (report epochs 3 and 12 = 50/200 and 200/200 of the run), batch 128, 2 seeds,
@@ -213,7 +225,8 @@ def real_grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None 
     _check_scale(scale)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     if scale in ("paper", "medium"):
-        common = dict(epochs=200, batch_size=256, seeds=(0, 1, 2, 3, 4), report_epochs=(50, 200),
+        common = dict(epochs=200, batch_size=256, seeds=MEDIUM_SEEDS if scale == "medium" else (0, 1, 2, 3, 4),
+                      report_epochs=(50, 200),
                       optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="multistep",
                       milestones=(100, 150), augment=True)
         measure = tuple(range(5, 201, 5))
@@ -237,7 +250,7 @@ def real_grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None 
             ds = "fashionmnist"
             if scale == "medium":
                 per_class = MEDIUM_STL10_PER_CLASS if key == "stl10" else MEDIUM_PER_CLASS
-                kw["width"] = MEDIUM_WIDTH
+                kw["width"] = {"resnet50": MEDIUM_RESNET50_WIDTH, "vgg13": MEDIUM_VGG13_WIDTH}.get(net, MEDIUM_WIDTH)
             else:
                 per_class = QUICK_STL10_PER_CLASS if key == "stl10" else QUICK_PER_CLASS
                 kw["width"] = QUICK_WIDTH
@@ -246,7 +259,8 @@ def real_grid(scale: str = "quick", optimizer: str = "agd", *, amp: bool | None 
         if net.startswith("resnet"):
             # the CIFAR stem on 32x32 (and STL10's 96x96) images, the ImageNet stem on ImageNet; quick: the
             # ImageNet stem everywhere (28 -> 7 pixels, 10x cheaper)
-            kw["model_kwargs"] = {"stem": "imagenet" if paper_ds == "imagenet" or scale == "quick" else "cifar"}
+            kw["model_kwargs"] = {"stem": "imagenet" if paper_ds == "imagenet" or scale == "quick" else
+                                  MEDIUM_STEM if scale == "medium" else "cifar"}
         kw.update(dataset=ds, model=net)
         out[key] = {"dataset": ds, "model": net, "stands_for": stands, "config": kw, "seeds": common["seeds"],
                     "optimizer": optimizer, "per_class": per_class, "scale": scale,
@@ -265,10 +279,14 @@ def real_note(entry: dict[str, Any]) -> str:
     stem = cfg.get("model_kwargs", {}).get("stem")
     arch = f"{net} at width {cfg['width']:g}" + (f" ({stem} stem)" if stem else "")
     if entry["scale"] == "medium":
+        same = " (the same runs as the ImageNet stand-in: one stem, and Fashion-MNIST has 10 classes, not 100)" \
+            if entry["stands_for"].startswith("CIFAR100") else ""
         return (f"Medium: the paper's protocol ({entry['epochs']} epochs, {opt}, stratified batches of "
-                f"{cfg['batch_size']}, tau {TAU:g}, crop + flip, {len(entry['seeds'])} seeds) on Fashion-MNIST "
+                f"{cfg['batch_size']}, tau {TAU:g}, crop + flip) on Fashion-MNIST "
                 f"with {entry['per_class']} images per class (full test set) instead of {entry['stands_for']}'s "
-                f"dataset; {arch}. x = epoch; metrics on tau-normalised features.")
+                f"dataset; {arch}{same}; the ImageNet stem on every ResNet (28 -> 7 pixels; the paper: CIFAR stem on "
+                f"CIFAR and STL10); {len(entry['seeds'])} seeds instead of 5. x = epoch; metrics on "
+                "tau-normalised features.")
     same = " (the same runs as the ImageNet stand-in: Fashion-MNIST has 10 classes, not 100)" \
         if entry["stands_for"].startswith("CIFAR100") else ""
     return (f"Quick: Fashion-MNIST, {entry['per_class']} training and {cfg['test_per_class']} test images per class "

@@ -29,12 +29,15 @@ The four experiments (each a dict label -> :class:`~nc_lib.config.TrainConfig`, 
 Three scales (:data:`nc_lib.validation.SCALES`), each a function of this module:
 
 - ``paper`` (:func:`paper_grid`): the settings above.
-- ``medium`` (:func:`medium_grid`): the paper's protocol unchanged (epochs 200, batches, optimisers,
-  lrs and schedules, weight decays, stems, augmentation) on Fashion-MNIST, which stands for CIFAR10
-  and for MNIST (both offline-unavailable); only the per-class count (:data:`MEDIUM_PER_CLASS`, test
-  set whole) and the widths are reduced: ResNet widths x :data:`MEDIUM_WIDTH` (the fixed-classifier
-  experiment keeps d = 512 / 2048 against d = C through ``feature_dim``), MLP widths x
-  :data:`MEDIUM_WIDTH`.
+- ``medium`` (:func:`medium_grid`): the paper's protocol (epochs 200, batches, optimisers, lrs and
+  schedules, weight decays, augmentation) on Fashion-MNIST, which stands for CIFAR10 and for MNIST
+  (both offline-unavailable), sized like Papyan's medium grid (the dry run prices it at 1.8 CPU hours
+  on the 2-core machine that prices Papyan's at 1.3): the per-class count (:data:`MEDIUM_PER_CLASS`,
+  random labels :data:`MEDIUM_RL_PER_CLASS`, test set whole), ResNet18 and MLP widths x
+  :data:`MEDIUM_WIDTH`, ResNet50 x :data:`MEDIUM_RESNET50_WIDTH` (the fixed-classifier experiment keeps
+  d = 512 / 2048 against d = C through ``feature_dim``), the ImageNet stem for every ResNet
+  (:data:`MEDIUM_STEM`), measurements every :data:`MEDIUM_MEASURE_EVERY` epochs, and LBFGS
+  :data:`MEDIUM_LBFGS_EPOCHS` epochs of one full-batch step each.
 - ``quick`` (:func:`quick_grid`): Fashion-MNIST on two CPU cores in about three minutes: ResNet18 at
   width 1/8 with the ImageNet stem (28 -> 7 pixels after the stem; the CIFAR stem is 10x slower),
   ResNet50 at width 1/16, :data:`QUICK_PER_CLASS` images per class, :data:`QUICK_EPOCHS` epochs (LBFGS
@@ -123,6 +126,17 @@ QUICK_RL_DEPTH_WIDTH = 1024
 #: medium scale: Fashion-MNIST images per class (test set whole) and the factor on every width
 MEDIUM_PER_CLASS = 200
 MEDIUM_WIDTH = 0.25
+#: medium ResNet50 (fig6_resnet50): its width factor (d = 128 of its own, widened to 2048 or narrowed to C)
+MEDIUM_RESNET50_WIDTH = 0.0625
+#: medium random labels (fig4): images per class (memorising random labels costs more epochs per image)
+MEDIUM_RL_PER_CLASS = 100
+#: medium LBFGS: epochs. With 2,000 images its batch of 2048 is the whole set, so an epoch is one step of up
+#: to 20 function evaluations, about 15 SGD epochs of compute: 200 of them would be half the grid's time
+MEDIUM_LBFGS_EPOCHS = 40
+#: medium: every ResNet takes the ImageNet stem (28 -> 7 pixels; the CIFAR stem keeps 28 x 28 maps through
+#: layer1 and is about 8x slower, which made the grid 20 CPU hours) and runs are measured every few epochs
+MEDIUM_STEM = "imagenet"
+MEDIUM_MEASURE_EVERY = 5
 
 
 def quick_grid() -> dict[str, dict[str, TrainConfig]]:
@@ -168,17 +182,24 @@ def quick_grid() -> dict[str, dict[str, TrainConfig]]:
 
 
 def medium_grid() -> dict[str, dict[str, TrainConfig]]:
-    """The paper's protocol on Fashion-MNIST: only the per-class count and the widths reduced.
+    """The paper's protocol on Fashion-MNIST, sized for a laptop (see the module docstring).
 
     Every configuration of :func:`paper_grid` with ``dataset="fashionmnist"`` (for CIFAR10 and MNIST),
-    ``per_class=MEDIUM_PER_CLASS``, ResNet widths x :data:`MEDIUM_WIDTH` and MLP ``hidden`` x
-    :data:`MEDIUM_WIDTH`; ``feature_dim`` (d = 512, 2048 or C) kept; device ``auto``."""
+    ``per_class=MEDIUM_PER_CLASS`` (:data:`MEDIUM_RL_PER_CLASS` with random labels), ResNet18 widths and
+    MLP ``hidden`` x :data:`MEDIUM_WIDTH`, ResNet50 widths x :data:`MEDIUM_RESNET50_WIDTH`, every ResNet
+    with the :data:`MEDIUM_STEM` stem, measured every :data:`MEDIUM_MEASURE_EVERY` epochs, LBFGS for
+    :data:`MEDIUM_LBFGS_EPOCHS` epochs; ``feature_dim`` (d = 512, 2048 or C) kept; device ``auto``."""
     def reduce(cfg: TrainConfig) -> TrainConfig:
-        kw: dict[str, Any] = dict(dataset="fashionmnist", per_class=MEDIUM_PER_CLASS, tag="zhu2021-medium")
+        kw: dict[str, Any] = dict(dataset="fashionmnist", tag="zhu2021-medium",
+                                  per_class=MEDIUM_RL_PER_CLASS if cfg.random_labels else MEDIUM_PER_CLASS)
+        epochs = MEDIUM_LBFGS_EPOCHS if cfg.optimizer == "lbfgs" else cfg.epochs
+        kw["epochs"] = epochs
         if cfg.model == "mlp":
             kw["model_kwargs"] = {**cfg.model_kwargs, "hidden": int(cfg.model_kwargs["hidden"] * MEDIUM_WIDTH)}
         else:
-            kw["width"] = cfg.width * MEDIUM_WIDTH
+            kw["width"] = cfg.width * (MEDIUM_RESNET50_WIDTH if cfg.model == "resnet50" else MEDIUM_WIDTH)
+            kw["model_kwargs"] = {**cfg.model_kwargs, "stem": MEDIUM_STEM}
+        kw["measure_epochs"] = tuple(range(MEDIUM_MEASURE_EVERY, epochs + 1, MEDIUM_MEASURE_EVERY))
         return cfg.replace(**kw)
 
     out = {exp: {label: reduce(cfg) for label, cfg in configs.items()} for exp, configs in paper_grid().items()}
@@ -219,16 +240,21 @@ def note(experiment: str, scale: str) -> str:
         return "The paper's settings." + extra
     if scale == "medium":
         data = {"fig3_mnist": "MNIST", "fig4": "CIFAR10 with random labels"}.get(experiment, "CIFAR10")
+        per_class = MEDIUM_RL_PER_CLASS if experiment == "fig4" else MEDIUM_PER_CLASS
         widths = {"fig4": f"MLP widths {', '.join(str(int(w * MEDIUM_WIDTH)) for w in (512, 1024, 2048))} "
                           f"(paper 512/1024/2048), ResNet18 widths x{MEDIUM_WIDTH:g} (paper 0.25-2)",
-                  "fig6_resnet50": f"ResNet50 at width x{MEDIUM_WIDTH:g}, d = 2048 and d = C kept through the last block",
+                  "fig6_resnet50": f"ResNet50 at width x{MEDIUM_RESNET50_WIDTH:g}, d = 2048 and d = C kept through "
+                                   "the last block",
                   "fig6": f"ResNet18 at width x{MEDIUM_WIDTH:g}, d = 512 and d = C kept through the last block",
                   "table1": f"ResNet18 at width x{MEDIUM_WIDTH:g}, d = 512 against d = C"}.get(
             experiment, f"ResNet18 at width x{MEDIUM_WIDTH:g}")
-        return (f"Medium: the paper's protocol (200 epochs, its batch, optimiser, lr and schedule, weight decay, stem and "
-                f"augmentation) on Fashion-MNIST with {MEDIUM_PER_CLASS} images per class (full test set) instead of "
-                f"{data}; {widths}." + (" Memory is measured (the authors only counted parameters)."
-                                        if experiment == "table1" else ""))
+        lbfgs = (f"; LBFGS {MEDIUM_LBFGS_EPOCHS} epochs instead of 200, each one full-batch step (2,000 images < 2048)"
+                 if experiment in ("fig3", "fig3_mnist") else "")
+        return (f"Medium: the paper's protocol (200 epochs, its batch, optimiser, lr and schedule, weight decay and "
+                f"augmentation) on Fashion-MNIST with {per_class} images per class (full test set) instead of "
+                f"{data}; {widths}; the ImageNet stem on every ResNet (28 -> 7 pixels; the paper's CIFAR stem on fig4 "
+                f"and fig6); measured every {MEDIUM_MEASURE_EVERY} epochs{lbfgs}."
+                + (" Memory is measured (the authors only counted parameters)." if experiment == "table1" else ""))
     P, T, E, w = QUICK_PER_CLASS, QUICK_TEST_PER_CLASS, QUICK_EPOCHS, QUICK_RESNET_WIDTH
     base = (f"Quick: Fashion-MNIST ({P} training, {T} test images per class) instead of {{data}}, ResNet18 at width "
             f"{w:g} (d = {int(512 * w)}) with the ImageNet stem, {E} epochs instead of 200, lr 0.05 x0.1 every {E // 3} "

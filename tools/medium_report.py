@@ -1,0 +1,120 @@
+"""Write docs/results/<paper>_medium.md for Zhu et al. 2021 or Markou et al. 2024 from the medium runs in the store.
+
+Usage: NC_RUNS_DIR=runs python tools/medium_report.py --paper zhu2021|markou2024 [--out docs/results]
+
+Nothing is trained: every experiment (Zhu) or real-data entry (Markou) of the paper's medium grid whose runs
+have all finished enters the report, with its figure as a PNG beside it; the others are listed as not run.
+Zhu: per run the final train and test accuracy and NC1 at the first and the last measured epoch; fig6 and
+fig6_resnet50 add the measured gap of the paper's claim (``zhu2021.fixed_gap_note``). Markou: tables 1 and 2
+(train and test top-1 at epochs 50 and 200, median [min, max] over seeds) and NC1 at the same epochs.
+The section "What it shows" at the end of a committed report is written by hand from these numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from nc_lib.figures import write_png
+from nc_lib.papers import markou2024, zhu2021
+from nc_lib.runs import is_finished, load_run, read_jsonl
+
+
+def _train_minutes(result: Any) -> float:
+    return sum(r.get("measure_s", 0) + r.get("train_s_since_last", 0)
+               for r in read_jsonl(result.path / "timings.jsonl")) / 60
+
+
+def _png(fig: Any, path: Path) -> None:
+    if not write_png(fig, path):
+        raise SystemExit("PNG export needs a Chromium: run `make setup`.")
+
+
+def zhu_report(out: Path) -> list[str]:
+    zg = importlib.import_module("nc_lib.papers.zhu2021.grid")
+    grid = zhu2021.grid("medium")
+    builders = {"fig3": zhu2021.figure_fig3, "fig3_mnist": zhu2021.figure_fig3, "fig4": zhu2021.figure_fig4,
+                "fig5": zhu2021.figure_fig5, "fig6": zhu2021.figure_fig6, "fig6_resnet50": zhu2021.figure_fig6}
+    L = ["# Zhu et al. 2021 at the medium scale (Fashion-MNIST, 2 CPU cores)", ""]
+    not_run = []
+    for exp, configs in grid.items():
+        if not all(is_finished(c) for c in configs.values()):
+            done = sum(is_finished(c) for c in configs.values())
+            not_run.append(f"{exp} ({done} of {len(configs)} runs finished)")
+            continue
+        results = {label: load_run(c) for label, c in configs.items()}
+        name = f"zhu2021_medium_{exp}.png"
+        _png(builders[exp](results), out / name)
+        L += [f"## {exp}", "", zhu2021.note(exp, "medium"), "",
+              "| run | final train acc. | final test acc. | NC1 first measured | NC1 at end | time |",
+              "|---|---|---|---|---|---|"]
+        for label, res in results.items():
+            h = res.history
+            L.append(f"| {label} | {h[-1]['train_accuracy']:.2%} | {h[-1]['test_accuracy']:.2%} | "
+                     f"{h[0]['within_class_variability']:.3g} (epoch {h[0]['epoch']}) | "
+                     f"{h[-1]['within_class_variability']:.3g} | {_train_minutes(res):.0f} min |")
+        if exp.startswith("fig6"):
+            L += ["", zhu2021.fixed_gap_note(results)]
+        L += ["", f"Figure: [{name}]({name})", ""]
+    if not_run:
+        L += ["## Not run", "", "- " + "\n- ".join(not_run), ""]
+    L.insert(2, f"Sizes: {zg.MEDIUM_PER_CLASS} images per class ({zg.MEDIUM_RL_PER_CLASS} with random labels), widths "
+                f"x{zg.MEDIUM_WIDTH:g} (ResNet50 x{zg.MEDIUM_RESNET50_WIDTH:g}), measured every "
+                f"{zg.MEDIUM_MEASURE_EVERY} epochs; each section's note lists what differs from the paper.\n")
+    return L
+
+
+def markou_report(out: Path) -> list[str]:
+    entries = markou2024.real_grid("medium")
+    configs = markou2024.grid("medium")
+    L = ["# Markou et al. 2024 at the medium scale (Fashion-MNIST real-data grid, 2 CPU cores)", ""]
+    not_run, done = [], {}
+    for key, entry in entries.items():
+        runs = configs[key]
+        if not all(is_finished(c) for c in runs.values()):
+            not_run.append(f"{key} ({sum(is_finished(c) for c in runs.values())} of {len(runs)} runs finished)")
+            continue
+        done[key] = markou2024.run_real(entry, pcm=False)  # every run finished: this only loads
+        minutes = sum(_train_minutes(load_run(c)) for c in runs.values())
+        name = f"markou2024_medium_{key}.png"
+        _png(markou2024.figure_panels(done[key], extra_keys=("accuracy", "accuracy_test"), x_title="epoch",
+                                      title=f"{entry['stands_for']} — Fashion-MNIST stand-in, medium"), out / name)
+        L += [f"## {key}", "", markou2024.real_note(entry), "", f"{len(runs)} runs, {minutes:.0f} min of training and "
+              f"measurement. Figure: [{name}]({name})", ""]
+        ep = entry["report_epochs"]
+        L += [f"| method | train top-1 @ {ep[0]} | train top-1 @ {ep[1]} | test top-1 @ {ep[0]} | test top-1 @ {ep[1]} | "
+              f"NC1 @ {ep[0]} | NC1 @ {ep[1]} |", "|---|---|---|---|---|---|---|"]
+        train = {r["method"]: r for r in markou2024.accuracy_table({key: done[key]}, entries, "accuracy")}
+        test = {r["method"]: r for r in markou2024.accuracy_table({key: done[key]}, entries, "accuracy_test")}
+        for m, seeds in done[key].items():
+            label = markou2024.LABELS[m]
+            nc1 = [statistics.median(min(s["records"], key=lambda r: abs(r["step"] - e))["within_class_variability"]
+                                     for s in seeds) for e in ep]
+            L.append(f"| {label} | {train[label][f'epoch {ep[0]}']} | {train[label][f'epoch {ep[1]}']} | "
+                     f"{test[label][f'epoch {ep[0]}']} | {test[label][f'epoch {ep[1]}']} | {nc1[0]:.3g} | {nc1[1]:.3g} |")
+        L.append("")
+    if not_run:
+        L += ["## Not run", "", "- " + "\n- ".join(not_run), ""]
+    return L
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--paper", required=True, choices=("zhu2021", "markou2024"))
+    ap.add_argument("--out", default="docs/results")
+    args = ap.parse_args()
+    out = Path(args.out)
+    L = zhu_report(out) if args.paper == "zhu2021" else markou_report(out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    L.insert(1, f"\nMade on {datetime.date.today()} (commit {commit}) with `python tools/medium_report.py --paper "
+                f"{args.paper}` from the medium runs in the run store; top-1 in %, median [min, max] over seeds.")
+    (out / f"{args.paper}_medium.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
