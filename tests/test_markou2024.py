@@ -81,14 +81,17 @@ def test_real_grid_medium_is_the_papers_protocol_on_fashion_mnist():
         for label, m in medium[key].items():
             p = paper[key][label]
             assert m.dataset == "fashionmnist" and m.per_class is not None and m.width < p.width
-            same = {k: v for k, v in p.to_dict().items() if k not in ("dataset", "per_class", "width", "model_kwargs")}
-            assert {k: m.to_dict()[k] for k in same} == same, key  # epochs, batch, AGD, stratified, augmentation
+            same = {k: v for k, v in p.to_dict().items()
+                    if k not in ("dataset", "per_class", "width", "model_kwargs", "augment")}
+            assert {k: m.to_dict()[k] for k in same} == same, key  # epochs, batch, AGD, stratified
+            assert p.augment and not m.augment
             assert m.model_kwargs == {**p.model_kwargs, **({"stem": mkg.MEDIUM_STEM} if "stem" in p.model_kwargs else {})}
     assert medium["cifar100_resnet50"] == medium["fig4"]  # one stem: the same runs, as at quick
     entries = mk.real_grid("medium")
     for e in entries.values():
         note = mk.real_note(e)
         assert f"{len(mkg.MEDIUM_SEEDS)} seeds instead of 5" in note and f"width {e['config']['width']:g}" in note
+        assert "no augmentation" in note
     assert entries["stl10"]["per_class"] < entries["cifar10_resnet18"]["per_class"]  # the small-data setting
     assert all(e["report_epochs"] == (50, 200) for e in entries.values())
     assert "Medium" in mk.real_note(entries["fig4"]) and "AGD" in mk.real_note(entries["fig4"])

@@ -219,11 +219,12 @@ def test_medium_grid_is_the_papers_protocol_on_fashion_mnist():
             assert m.dataset == "fashionmnist"
             assert m.per_class == (MEDIUM_RL_PER_CLASS if p.random_labels else MEDIUM_PER_CLASS) < 6000
             same = {k: v for k, v in p.to_dict().items()
-                    if k not in ("dataset", "per_class", "width", "model_kwargs", "tag", "epochs", "measure_epochs")}
+                    if k not in ("dataset", "per_class", "width", "model_kwargs", "tag", "epochs", "measure_epochs",
+                                 "augment")}
             assert {k: m.to_dict()[k] for k in same} == same, (exp, p.model)
             assert m.epochs == (MEDIUM_LBFGS_EPOCHS if p.optimizer == "lbfgs" else 200)
             assert m.measure_epochs[0] == MEDIUM_MEASURE_EVERY and m.measurement_epochs()[-1] == m.epochs
-            assert m.feature_dim == p.feature_dim
+            assert m.feature_dim == p.feature_dim and m.augment is False
             if p.model == "mlp":
                 assert m.model_kwargs["hidden"] < p.model_kwargs["hidden"]
                 assert m.model_kwargs["depth"] == p.model_kwargs["depth"]
@@ -234,6 +235,7 @@ def test_medium_grid_is_the_papers_protocol_on_fashion_mnist():
         assert "Fashion-MNIST" in note and "200 epochs" in note and "ImageNet stem" in note, exp
         assert f"measured every {MEDIUM_MEASURE_EVERY} epochs" in note, exp
     assert f"LBFGS {MEDIUM_LBFGS_EPOCHS} epochs" in zhu2021.note("fig3", "medium")
+    assert "no augmentation" in zhu2021.note("fig6", "medium") and "augmentation" not in zhu2021.note("fig5", "medium")
     assert f"ResNet50 at width x{MEDIUM_RESNET50_WIDTH:g}" in zhu2021.note("fig6_resnet50", "medium")
     assert f"{MEDIUM_RL_PER_CLASS} images per class" in zhu2021.note("fig4", "medium")
 
