@@ -283,3 +283,19 @@ def test_state_bytes_and_memory_measurement_show_the_d_equals_C_saving():
     rows = zhu2021.table1({"w": cfg, "n": cfg.replace(feature_dim=10)}, memory={"w": wide, "n": narrow})
     assert rows[1]["parameter saving vs first"] > 0.3
     assert "20%" in zhu2021.compare_with_paper(rows)
+
+
+def test_medium_report_on_an_empty_store_lists_every_experiment_as_not_run(tmp_path, monkeypatch):
+    """tools/medium_report.py only reads the store: with no finished medium run it trains nothing and says so."""
+    import importlib.util
+    from pathlib import Path
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
+    spec = importlib.util.spec_from_file_location("medium_report", Path(__file__).parents[1] / "tools" / "medium_report.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    zhu = "\n".join(tool.zhu_report(tmp_path))
+    for exp in zhu2021.EXPERIMENTS:
+        assert f"- {exp} (0 of " in zhu, exp
+    markou = "\n".join(tool.markou_report(tmp_path))
+    assert "- cifar10_resnet18 (0 of 6 runs finished)" in markou
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "runs").exists()
