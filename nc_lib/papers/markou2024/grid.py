@@ -289,7 +289,7 @@ def real_note(entry: dict[str, Any]) -> str:
                 f"with {entry['per_class']} images per class (full test set) instead of {entry['stands_for']}'s "
                 f"dataset; {arch}{same}; the ImageNet stem on every ResNet (28 -> 7 pixels; the paper: CIFAR stem on "
                 f"CIFAR and STL10); no augmentation (the paper: crop + flip; with it the ResNet18 ended at 90-93% "
-                f"training accuracy); {len(entry['seeds'])} seeds instead of 5. x = epoch; metrics on "
+                f"training accuracy); {len(entry['seeds'])} seed{'s' if len(entry['seeds']) != 1 else ''} instead of 5. x = epoch; metrics on "
                 "tau-normalised features.")
     same = " (the same runs as the ImageNet stand-in: Fashion-MNIST has 10 classes, not 100)" \
         if entry["stands_for"].startswith("CIFAR100") else ""
