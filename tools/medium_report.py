@@ -81,7 +81,7 @@ def markou_report(out: Path) -> list[str]:
             not_run.append(f"{key} ({sum(is_finished(c) for c in runs.values())} of {len(runs)} runs finished)")
             continue
         entry = {**entry, "seeds": seeds}
-        done[key] = markou2024.run_real(entry, pcm=False)  # every one of these runs finished: this only loads
+        done[key] = markou2024.run_real(entry)  # every one of these runs finished: this loads (and measures the PCM)
         used = [c for label, c in runs.items() if int(label.rsplit(" ", 1)[1]) in seeds]
         minutes = sum(_train_minutes(load_run(c)) for c in used)
         name = f"markou2024_medium_{key}.png"
