@@ -384,7 +384,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
         measure_s = eval_s * ceil((N_train [x2 with train_sample_pass] + N_test) / eval_batch_size)
         total_s   = epochs * epoch_s + len(measurement_epochs) * measure_s
     """
-    from .config import build_run_model, prepare_for_training, resolve_device
+    from .config import build_run_model, prepare_for_training, resolve_device, uses_channels_last
     from .features import autocast
     from .train import _make_optimizer
 
@@ -398,7 +398,7 @@ def time_config(config: TrainConfig, *, steps: int = 5, warmup: int = 1, device:
     B = min(config.batch_size, n_train)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *shape), generator=g).to(dev)
-    if config.channels_last and x.dim() == 4:
+    if uses_channels_last(config, dev, warn=False) and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, C, (B,), generator=g).to(dev)
     needs_labels = bool(getattr(model.head, "needs_labels", False))

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from . import features
 from .agd import AGD, agd_parameters, reset_frozen_parameters
 from .config import (PAPYAN_LRS, TrainConfig, build_run_model, load_run_data, place_run_data, prepare_for_training,
-                     resolve_device)
+                     resolve_device, uses_channels_last)
 from .data import make_loader, set_loader_epoch, without_augmentation
 from .deprecation import moved_names
 from .models import Classifier
@@ -186,9 +186,10 @@ def train_epoch(model: Classifier, loader: Iterable, opt: torch.optim.Optimizer,
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, n
     eta_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
+    nhwc = uses_channels_last(config, device, warn=False)  # prepare_for_training warned once
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if config.channels_last and x.dim() == 4:
+        if nhwc and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if lbfgs:
             def closure() -> Tensor:
