@@ -56,7 +56,8 @@ DEVICE_DATA_FRACTION = 0.25
 #: hash (and run directory) of every configuration written before they existed stays the same
 HASHED_UNLESS_DEFAULT: dict[str, Any] = {"stratified_batches": False, "agd_gain": 1.0, "loss": "ce",
                                          "class_counts": None, "imbalance_ratio": 1.0,
-                                         "imbalance_profile": "step", "channels_last": False, "compile": False}
+                                         "imbalance_profile": "step", "channels_last": False, "compile": False,
+                                         "precise_bn": False}
 
 
 @dataclass
@@ -65,6 +66,10 @@ class TrainConfig:
 
     ``optimizer``: one of :data:`OPTIMIZERS` (``"agd"``: see :mod:`nc_lib.train`, with
     ``agd_gain``). ``stratified_batches``: every class in every training batch (:mod:`nc_lib.train`).
+    ``precise_bn``: before each measurement, recompute every batch-norm layer's statistics from the
+    (un-augmented) training set (:func:`nc_lib.features.recalibrate_batch_norm`) instead of measuring with
+    the running averages; the training trajectory is unchanged (training-mode batch norm never reads them).
+    Papyan's protocol leaves it off; the quick scales turn it on (2 steps per epoch).
 
     Throughput (none changes what a run measures; Papyan's protocol is the default float32 path):
     ``amp``: bfloat16 autocast of the training passes on CUDA (measurements always run in float32).
@@ -112,6 +117,7 @@ class TrainConfig:
     measure_epochs: tuple[int, ...] | None = None
     train_sample_pass: bool = False
     snapshot_per_class: int = 20
+    precise_bn: bool = False
     # execution
     seed: int = 0
     device: str = "auto"
@@ -130,7 +136,8 @@ class TrainConfig:
         self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
         self.device = check_choice("device", self.device, DEVICES)
         self.data_placement = check_choice("data_placement", self.data_placement, DATA_PLACEMENTS)
-        for flag in ("amp", "channels_last", "compile", "augment", "random_labels", "keep_all_checkpoints"):
+        for flag in ("amp", "channels_last", "compile", "augment", "random_labels", "keep_all_checkpoints",
+                     "precise_bn"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         check_positive("lr", self.lr)

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import TrainConfig, build_run_model, load_run_data, place_run_data, prepare_for_training, resolve_device
 from .data import ArrayDataset, StratifiedBatchSampler, _batch_identity, epoch_order, without_augmentation
-from .features import MeasureReduce, measure, snapshot_indices
+from .features import MeasureReduce, measure, recalibrate_batch_norm, snapshot_indices
 from .metrics import CollapseAccumulator, SampleAccumulator
 from .nearest_etf import FeatureMeanTracker
 from .runs import EpochResult, RunResult, RunWriter, load_run, resume_checkpoint, run_dir, write_run_start
@@ -373,6 +373,10 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
         raise ValueError("optimizer='lbfgs' is not supported in data-parallel training; choose one of "
                          "['sgd', 'adam', 'agd'].")
     rank, world = rank_and_world()
+    if config.precise_bn and world > 1:
+        raise ValueError("precise_bn=True is supported in one process only (the quick scales' setting; each rank "
+                         f"would recompute batch-norm statistics from its own shard): got {world} processes. Set "
+                         "precise_bn=False or train in one process.")
     path = run_dir(config)
     if (path / "done.json").exists():
         return load_run(config)
@@ -427,6 +431,8 @@ def train_distributed(config: TrainConfig, *, progress: bool = False, stop_after
     reduce = rank_reduce(device)
 
     def measure_fn() -> tuple[dict[str, float], CollapseAccumulator]:
+        if config.precise_bn:  # one process only (checked above)
+            recalibrate_batch_norm(model, eval_train, device)
         _sync_buffers(model)
         return measure(model, eval_train, eval_test, C, device, train_sample_pass=config.train_sample_pass,
                        reduce=reduce)  # float32 always, also after bfloat16 training

@@ -206,6 +206,42 @@ def measure(model: Classifier, train_loader: Iterable, test_loader: Iterable | N
     return out, acc
 
 
+def recalibrate_batch_norm(model: nn.Module, loader: Iterable, device: torch.device) -> int:
+    """Precise batch-norm statistics (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3):
+    every batch-norm layer's running mean and variance <- the average over the batches of ``loader`` of
+    its batch mean and unbiased batch variance, the statistics its training-mode forward pass computes;
+    with one batch (the quick scale's 200 images) these are the training set's own statistics.
+
+    Only the batch-norm layers run in training mode (under no_grad); every other module stays in eval mode,
+    so nothing else changes: weights, heads that track class means, dropout. The layers' momentum and the
+    model's mode are restored. Returns the number of batch-norm layers recalibrated.
+
+    Why: eval mode normalises with running averages (momentum 0.1, about the last 10 steps). With a few
+    steps per epoch at a large learning rate they lag behind the weights, and the measurements (training
+    accuracy, NC1, ...) see a network the weights no longer are. :class:`~nc_lib.config.TrainConfig`'s
+    ``precise_bn`` calls this before every measurement (and before the checkpoint of that epoch).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _ in loader:
+                model(x.to(device, non_blocking=True))
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(bns)
+
+
 def snapshot_indices(targets: Tensor, per_class: int, num_classes: int, seed: int) -> Tensor:
     """The fixed sample of a run's snapshots: ``per_class`` training indices per class (at most 2000 in
     all), drawn by a permutation seeded from ``seed`` (the run's data seed)."""

@@ -317,6 +317,8 @@ def _train_locked(config: TrainConfig, path: Path, *, progress: bool,
         return train_epoch(model, train_loader, opt, sched, config, device, epoch, amp=use_amp)
 
     def measure_one(epoch: int, ep: EpochResult) -> None:
+        if config.precise_bn:  # before the measurement, the snapshot and the checkpoint of this epoch
+            features.recalibrate_batch_norm(model, eval_train, device)
         writer.measure(epoch, ep, model, opt, sched, device,
                        lambda: features.measure(model, eval_train, eval_test, C, device,
                                                 train_sample_pass=config.train_sample_pass),  # float32 always

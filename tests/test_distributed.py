@@ -257,6 +257,20 @@ def test_bad_inputs(tmp_path):
         D.load_config('{"dataset": "digits", "nonsense": 1}')
 
 
+def test_precise_bn_in_one_process_equals_the_engine_and_is_refused_across_ranks(tmp_path, monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": 16, "depth": 2}, per_class=20,
+                      test_per_class=5, epochs=2, batch_size=32, snapshot_per_class=1, device="cpu", precise_bn=True)
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "ddp"))
+    ddp = D.train_distributed(cfg)
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "single"))
+    assert ddp.history == train(cfg, progress=False).history
+    monkeypatch.setattr(D, "rank_and_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="precise_bn=True is supported in one process only"):
+        D.train_distributed(cfg)
+
+
 def test_one_process_entry_point_trains_a_run(tmp_path, monkeypatch):
     monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "runs"))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

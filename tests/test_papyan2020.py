@@ -58,13 +58,15 @@ def test_quick_grid_is_papyans_protocol_on_fashion_mnist():
         assert c.epochs == P.QUICK_EPOCHS == 350 and c.milestones == (116, 233) and c.measure_epochs == PAPYAN_EPOCHS
         assert c.momentum == 0.9 and c.batch_size == 128 and c.augment is False and c.optimizer == "sgd"
         assert c.weight_decay == P.QUICK_WEIGHT_DECAY and (c.per_class, c.test_per_class) == (20, 50)
-        assert c.snapshot_per_class > 0
+        assert c.snapshot_per_class > 0 and c.precise_bn is True and c.lr == 0.04
+    assert all(c.precise_bn is False for c in P.grid("medium").values())  # Papyan's protocol: running averages
     short = P.grid("quick", epochs=6)
     assert len(short) == 3 and all(c.epochs == 6 and c.milestones == (2, 4) for c in short.values())
     assert all(c.measure_epochs == papyan_measure_epochs(6) for c in short.values())
     note = P.scale_note("quick")
     for fact in ("20 training and 50 test images per class", "VGG11 at width 1/8", "ResNet18 at width 1/4",
-                 "weight decay 0.01 instead of 5e-4", "lr 0.02", "350 epochs"):
+                 "weight decay 0.01 instead of 5e-4", "lr 0.04", "350 epochs",
+                 "batch-norm statistics recomputed from the training set"):
         assert fact in note, fact
 
 
@@ -228,7 +230,7 @@ def test_notebook_exercise_solutions_run(tmp_path, monkeypatch):
     nb = json.loads((Path(__file__).parents[1] / "notebooks" / "03_terminal_phase.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown" and "<details>" in "".join(c["source"]))
     blocks = [re.sub(r"^ {3}", "", b, flags=re.M) for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     fake_dir = tmp_path / "fake"
     fake_dir.mkdir()
     ns = {"papyan2020": P, "scale": "quick", "epochs": 2, "results": _fake_results(fake_dir)}
@@ -242,6 +244,14 @@ def test_notebook_exercise_solutions_run(tmp_path, monkeypatch):
     assert (P.terminal_phase_onset(h, "imagenet"), P.terminal_phase_onset(h, "cifar10")) == (2, None)
     exec(blocks[2], ns)
     assert ns["better"] + ns["worse"] <= len(ns["changes"]) == 4
+    dense = {k: c for k, c in P.grid("quick", epochs=2).items() if k[1] == "densenet40"}
+    ns["results"] = P.run_grid(dense, progress=False, robustness=False)
+    rows, same_training = exec_last(blocks[3], ns)
+    assert ns["res1"][("fashionmnist", "densenet40")].config.precise_bn is False
+    assert [r["statistics"] for r in rows] == ["recomputed", "running averages"] and same_training is True
+    # the same weights, other batch-norm statistics: the measurements differ
+    new, old = ns["results"][("fashionmnist", "densenet40")], ns["res1"][("fashionmnist", "densenet40")]
+    assert new.final["within_class_variability"] != old.final["within_class_variability"]
 
 
 # ---------------------------------------------------------------------------------------------- fidelity checks

@@ -315,3 +315,48 @@ def test_names_moved_out_of_train_still_import_with_a_deprecation_warning():
         assert T.run_history is runs.run_history
     with pytest.raises(AttributeError):
         T.no_such_name
+
+
+# ---------------------------------------------------------------------------------------------- precise batch norm
+def test_recalibrate_batch_norm_gives_the_batches_average_statistics():
+    """Running mean / variance <- the average over the batches of each batch's mean and unbiased variance;
+    momentum and mode restored; modules other than batch norm stay in eval mode (dropout off)."""
+    from nc_lib.features import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4)
+    bn = torch.nn.BatchNorm1d(4)
+    model = torch.nn.Sequential(lin, torch.nn.Dropout(0.9), bn).train()
+    xs = [torch.randn(5, 3), torch.randn(7, 3)]
+    loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in xs]
+    assert recalibrate_batch_norm(model, loader, torch.device("cpu")) == 1
+    with torch.no_grad():
+        z = [lin(x) for x in xs]  # no dropout: the recalibration pass ran it in eval mode
+    mean = (z[0].mean(0) + z[1].mean(0)) / 2
+    var = (z[0].var(0, unbiased=True) + z[1].var(0, unbiased=True)) / 2
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6) and torch.allclose(bn.running_var, var, atol=1e-6)
+    assert bn.momentum == 0.1 and model.training and bn.training
+    assert recalibrate_batch_norm(torch.nn.Linear(2, 2), loader, torch.device("cpu")) == 0
+
+
+def test_precise_bn_leaves_training_alone_and_resumes_bit_identically(tmp_path, monkeypatch):
+    """precise_bn changes what eval mode measures, not the weights: the same running losses and parameters as
+    without it, other batch-norm statistics, and a killed run resumes to the same bytes."""
+    cfg = TrainConfig(dataset="digits", model="resnet18", width=0.0625, per_class=20, epochs=4, lr=0.05,
+                      batch_size=50, milestones=(3,), measure_epochs=(1, 2, 4), device="cpu", precise_bn=True)
+    assert cfg.config_hash() != cfg.replace(precise_bn=False).config_hash()
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "a"))
+    precise, plain = train(cfg, progress=False), train(cfg.replace(precise_bn=False), progress=False)
+    assert [r["train_loss_running"] for r in precise.history] == [r["train_loss_running"] for r in plain.history]
+    assert precise.final["train_accuracy"] != plain.final["train_accuracy"] or \
+        precise.final["within_class_variability"] != plain.final["within_class_variability"]
+    a, b = precise.model().state_dict(), plain.model().state_dict()
+    params = {n for n, _ in precise.model().named_parameters()}
+    assert all(torch.equal(a[n], b[n]) for n in params)
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith("running_mean"))
+    expected = (precise.path / "metrics.jsonl").read_text()
+    monkeypatch.setenv("NC_RUNS_DIR", str(tmp_path / "b"))
+    train(cfg, progress=False, stop_after_epochs=3)
+    assert (train(cfg, progress=False).path / "metrics.jsonl").read_text() == expected
+    with pytest.raises(ValueError, match="precise_bn"):
+        TrainConfig(precise_bn="yes")
