@@ -299,3 +299,10 @@ def test_medium_report_on_an_empty_store_lists_every_experiment_as_not_run(tmp_p
     markou = "\n".join(tool.markou_report(tmp_path))
     assert "- cifar10_resnet18 (0 of 6 runs finished)" in markou
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "runs").exists()
+    # rewriting a committed report keeps its hand-written section
+    (tmp_path / "zhu2021_medium.md").write_text("# old\n\nold table\n\n## What it shows\n\nwritten by hand\n")
+    monkeypatch.setattr("sys.argv", ["medium_report.py", "--paper", "zhu2021", "--out", str(tmp_path)])
+    tool.main()
+    text = (tmp_path / "zhu2021_medium.md").read_text()
+    assert "old table" not in text and text.endswith("## What it shows\n\nwritten by hand\n")
+    assert "- fig3 (0 of 3 runs finished)" in text

@@ -7,7 +7,8 @@ have all finished enters the report, with its figure as a PNG beside it; the oth
 Zhu: per run the final train and test accuracy and NC1 at the first and the last measured epoch; fig6 and
 fig6_resnet50 add the measured gap of the paper's claim (``zhu2021.fixed_gap_note``). Markou: tables 1 and 2
 (train and test top-1 at epochs 50 and 200, median [min, max] over seeds) and NC1 at the same epochs.
-The section "What it shows" at the end of a committed report is written by hand from these numbers.
+The section "What it shows" at the end of a committed report is written by hand from these numbers; rewriting
+the report keeps it as it is (update it to the new numbers).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from typing import Any
 from nc_lib.figures import write_png
 from nc_lib.papers import markou2024, zhu2021
 from nc_lib.runs import is_finished, load_run, read_jsonl
+
+
+#: the heading of the hand-written section; a rewritten report keeps it and everything after it
+HAND_WRITTEN = "## What it shows"
 
 
 def _train_minutes(result: Any) -> float:
@@ -117,8 +122,13 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     L.insert(1, f"\nMade on {datetime.date.today()} (commit {commit}) with `python tools/medium_report.py --paper "
                 f"{args.paper}` from the medium runs in the run store; top-1 in %, median [min, max] over seeds.")
-    (out / f"{args.paper}_medium.md").write_text("\n".join(L) + "\n")
-    print("\n".join(L))
+    path = out / f"{args.paper}_medium.md"
+    text = "\n".join(L) + "\n"
+    hand = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""
+    if hand:  # the hand-written section of the committed report stays (check it against the new numbers)
+        text += "\n" + HAND_WRITTEN + hand
+    path.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
