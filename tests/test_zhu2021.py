@@ -220,8 +220,10 @@ def test_medium_grid_is_the_papers_protocol_on_fashion_mnist():
             assert m.per_class == (MEDIUM_RL_PER_CLASS if p.random_labels else MEDIUM_PER_CLASS) < 6000
             same = {k: v for k, v in p.to_dict().items()
                     if k not in ("dataset", "per_class", "width", "model_kwargs", "tag", "epochs", "measure_epochs",
-                                 "augment")}
+                                 "augment", "precise_bn")}
             assert {k: m.to_dict()[k] for k in same} == same, (exp, p.model)
+            # LBFGS's line search pollutes batch norm's running averages: recomputed before each measurement
+            assert m.precise_bn is (p.optimizer == "lbfgs") and p.precise_bn is False
             assert m.epochs == (MEDIUM_LBFGS_EPOCHS if p.optimizer == "lbfgs" else 200)
             assert m.measure_epochs[0] == MEDIUM_MEASURE_EVERY and m.measurement_epochs()[-1] == m.epochs
             assert m.feature_dim == p.feature_dim and m.augment is False
@@ -233,6 +235,7 @@ def test_medium_grid_is_the_papers_protocol_on_fashion_mnist():
     for exp in zhu2021.EXPERIMENTS + ("table1",):
         note = zhu2021.note(exp, "medium")
         assert "Fashion-MNIST" in note and "200 epochs" in note and "ImageNet stem" in note, exp
+        assert ("batch-norm statistics recomputed" in note) is (exp in ("fig3", "fig3_mnist")), exp
         assert f"measured every {MEDIUM_MEASURE_EVERY} epochs" in note, exp
     assert f"LBFGS {MEDIUM_LBFGS_EPOCHS} epochs" in zhu2021.note("fig3", "medium")
     assert "no augmentation" in zhu2021.note("fig6", "medium") and "augmentation" not in zhu2021.note("fig5", "medium")
