@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from .data import DATASETS, IMBALANCE_PROFILES, dataset_info, imbalanced_counts, load_train_test

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from nc_lib.atomic_io import atomic_write_bytes
 from nc_lib.figures import write_png
 from nc_lib.papers import markou2024, zhu2021
 from nc_lib.runs import is_finished, load_run, read_jsonl
@@ -127,7 +128,7 @@ def main() -> None:
     hand = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""
     if hand:  # the hand-written section of the committed report stays (check it against the new numbers)
         text += "\n" + HAND_WRITTEN + hand
-    path.write_text(text)
+    atomic_write_bytes(path, text)  # a killed rewrite leaves the committed report whole
     print(text)
 
 
