@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .atomic_io import atomic_write_bytes, atomic_write_with, remove_stale_temporaries, temporary_path
-from .paths import REPO_ROOT, figures_dir
+from .paths import REPO_ROOT, figures_dir, pin_env_dirs
 from .validation import SCALES, check_choice, check_int
 
 PAPERS = {
@@ -409,6 +409,7 @@ def run_notebook(notebook: Path, scale: str, build_dir: Path, extra: dict[str, A
 
     build_dir.mkdir(parents=True, exist_ok=True)
     params = {**preset(notebook, scale), **(extra or {})}
+    pin_env_dirs()  # the kernel runs in notebooks/: a relative NC_RUNS_DIR=runs means the caller's runs/
     os.environ["NC_NOTEBOOK"] = notebook.stem
     # papermill has no widget manager: the kernel draws plain figures (nc_lib.frontend), unless NC_WIDGETS says
     widgets_env = os.environ.get("NC_WIDGETS")

@@ -232,6 +232,29 @@ def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
     assert [p.name for p in build.iterdir()] == ["tiny.ipynb"]
 
 
+def test_a_relative_runs_dir_means_the_callers_folder_inside_the_notebook_too(tmp_path, monkeypatch):
+    """`NC_RUNS_DIR=runs make figures`: the kernel runs in the notebook's folder, yet reads and writes the runs/ of
+    the directory the command was typed in (it once trained everything again in notebooks/runs)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("out = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import pathlib\nfrom nc_lib.paths import runs_dir, figures_dir\n"
+        "pathlib.Path(out).write_text(str(runs_dir().resolve()) + '\\n' + str(figures_dir().resolve()))")]
+    (tmp_path / "notebooks").mkdir()
+    source = tmp_path / "notebooks" / "where.ipynb"
+    nbformat.write(nb, source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NC_RUNS_DIR", "my_runs")
+    monkeypatch.setenv("NC_FIGURES_DIR", "my_figures")
+    out = tmp_path / "where.txt"
+    figures.run_notebook(source, "quick", tmp_path / "build", extra={"out": str(out)}, timeout=120)
+    assert out.read_text().split("\n") == [str(tmp_path.resolve() / "my_runs"), str(tmp_path.resolve() / "my_figures")]
+
+
 # --------------------------------------------------------------------------- notebooks side by side (--jobs)
 def _tiny_notebook(path, body: str) -> None:
     import nbformat

@@ -59,7 +59,9 @@ def test_quick_grid_is_papyans_protocol_on_fashion_mnist():
         assert c.momentum == 0.9 and c.batch_size == 128 and c.augment is False and c.optimizer == "sgd"
         assert c.weight_decay == P.QUICK_WEIGHT_DECAY and (c.per_class, c.test_per_class) == (20, 50)
         assert c.snapshot_per_class > 0 and c.precise_bn is True and c.lr == 0.04
-    assert all(c.precise_bn is False for c in P.grid("medium").values())  # Papyan's protocol: running averages
+    assert all(c.precise_bn is True for c in P.grid("medium").values())  # 24 steps per epoch: running averages lag
+    assert all(c.precise_bn is False for c in P.grid("paper").values())  # Papyan's running averages (469 steps/epoch)
+    assert "batch-norm statistics recomputed" in P.scale_note("medium")
     short = P.grid("quick", epochs=6)
     assert len(short) == 3 and all(c.epochs == 6 and c.milestones == (2, 4) for c in short.values())
     assert all(c.measure_epochs == papyan_measure_epochs(6) for c in short.values())

@@ -301,6 +301,8 @@ def test_medium_report_on_an_empty_store_lists_every_experiment_as_not_run(tmp_p
         assert f"- {exp} (0 of " in zhu, exp
     markou = "\n".join(tool.markou_report(tmp_path))
     assert "- cifar10_resnet18 (0 of 6 runs finished)" in markou
+    with pytest.raises(SystemExit, match="no finished medium run"):
+        tool.papyan_report(tmp_path)
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "runs").exists()
     # rewriting a committed report keeps its hand-written section
     (tmp_path / "zhu2021_medium.md").write_text("# old\n\nold table\n\n## What it shows\n\nwritten by hand\n")

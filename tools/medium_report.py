@@ -1,9 +1,13 @@
-"""Write docs/results/<paper>_medium.md for Zhu et al. 2021 or Markou et al. 2024 from the medium runs in the store.
+"""Write docs/results/<paper>_medium.md for Papyan et al. 2020, Zhu et al. 2021 or Markou et al. 2024 from the
+medium runs in the store.
 
-Usage: NC_RUNS_DIR=runs python tools/medium_report.py --paper zhu2021|markou2024 [--out docs/results]
+Usage: NC_RUNS_DIR=runs python tools/medium_report.py --paper papyan2020|zhu2021|markou2024 [--out docs/results]
 
-Nothing is trained: every experiment (Zhu) or real-data entry (Markou) of the paper's medium grid whose runs
-have all finished enters the report, with its figure as a PNG beside it; the others are listed as not run.
+Nothing is trained: every run (Papyan), experiment (Zhu) or real-data entry (Markou) of the paper's medium grid
+whose runs have all finished enters the report, with its figures as PNGs beside it; the others are listed as not
+run. Papyan: per network the onset of the terminal phase, NC1 and test accuracy at the onset and at the end,
+fig2, fig6, fig7 and table 1, and ``papyan2020.fidelity_failures(results, "medium")`` (also as
+papyan2020_medium.json).
 Zhu: per run the final train and test accuracy and NC1 at the first and the last measured epoch; fig6 and
 fig6_resnet50 add the measured gap of the paper's claim (``zhu2021.fixed_gap_note``). Markou: tables 1 and 2
 (train and test top-1 at epochs 50 and 200, median [min, max] over seeds) and NC1 at the same epochs.
@@ -15,15 +19,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
+
 from nc_lib.atomic_io import atomic_write_bytes
 from nc_lib.figures import write_png
-from nc_lib.papers import markou2024, zhu2021
-from nc_lib.runs import is_finished, load_run, read_jsonl
+from nc_lib.papers import markou2024, papyan2020, zhu2021
+from nc_lib.runs import is_finished, load_run, read_jsonl, run_dir
 
 
 #: the heading of the hand-written section; a rewritten report keeps it and everything after it
@@ -38,6 +45,55 @@ def _train_minutes(result: Any) -> float:
 def _png(fig: Any, path: Path) -> None:
     if not write_png(fig, path):
         raise SystemExit("PNG export needs a Chromium: run `make setup`.")
+
+
+def papyan_report(out: Path) -> list[str]:
+    grid = papyan2020.grid("medium")
+    finished = {key: load_run(c) for key, c in grid.items() if is_finished(c)}
+    if not finished:
+        raise SystemExit("no finished medium run in the run store: run `make figures SCALE=medium ONLY=03_terminal_phase`")
+    pngs = {}
+    for fig_id in ("fig2", "fig6", "fig7"):
+        pngs[fig_id] = f"papyan2020_medium_{fig_id}.png"
+        _png(papyan2020.figure(finished, fig_id), out / pngs[fig_id])
+    rows = papyan2020.table1(finished)
+    cols = ["network", "tpt_onset_epoch", "test_accuracy_at_zero_train_error", "last_epoch", "test_accuracy_at_last_epoch"]
+    pct = lambda v: "—" if v is None else format(v, ".2%") if isinstance(v, float) else v
+    table = go.Figure(go.Table(header=dict(values=["network", "TPT onset", "test acc. at onset", "last epoch",
+                                                   "test acc. at end"]),
+                               cells=dict(values=[[pct(r[c]) for r in rows] for c in cols])))
+    table.update_layout(title="papyan2020_table1 at medium scale (Fashion-MNIST)", width=800, height=300)
+    pngs["table1"] = "papyan2020_medium_table1.png"
+    _png(table, out / pngs["table1"])
+    report = papyan2020.terminal_phase_report(finished)
+    fails = papyan2020.fidelity_failures(finished, "medium")
+    fmt = lambda v, f: "—" if v is None else format(v, f)
+    L = ["# Papyan et al. 2020 at the medium scale (Fashion-MNIST, 2 CPU cores)", "",
+         "Trained with `make figures SCALE=medium ONLY=03_terminal_phase`.", "", papyan2020.scale_note("medium"), "",
+         "| network | TPT onset (epoch) | NC1 at onset | NC1 at end | NC1 fell | test acc. at onset | test acc. at end | "
+         "train + measure time |", "|---|---|---|---|---|---|---|---|"]
+    for r in report:
+        res = finished[(r["dataset"], r["network"])]
+        L.append(f"| {papyan2020.network_label(r['network'])} | {fmt(r['tpt_onset'], 'd')} | {fmt(r['nc1_at_onset'], '.3g')} | "
+                 f"{r['nc1_at_end']:.3g} | {fmt(r['nc1_fall'], '.3g')}x | {fmt(r['test_accuracy_at_onset'], '.2%')} | "
+                 f"{r['test_accuracy_at_end']:.2%} | {_train_minutes(res):.0f} min |")
+    for key, c in grid.items():
+        if key not in finished:
+            recs = read_jsonl(run_dir(c) / "metrics.jsonl") if (run_dir(c) / "metrics.jsonl").exists() else []
+            L.append(f"| {papyan2020.network_label(key[1])} | not finished (stopped at epoch "
+                     f"{recs[-1]['epoch'] if recs else 0} of {c.epochs}) | | | | | | |")
+    L += ["", "Table 1 (test accuracy at the first epoch of zero training error and at the last epoch):", "",
+          "| network | onset | test acc. at onset | last epoch | test acc. at end |", "|---|---|---|---|---|"]
+    L += [f"| {r['network']} | {r['tpt_onset_epoch']} | {pct(r['test_accuracy_at_zero_train_error'])} | "
+          f"{r['last_epoch']} | {pct(r['test_accuracy_at_last_epoch'])} |" for r in rows]
+    L += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in pngs.items()) + ".", "",
+          "## Against the paper (`papyan2020.fidelity_failures(results, \"medium\")`)", ""]
+    L += [f"- {f}" for f in fails] if fails else ["- every check passes: zero training error in the first half, NC1 "
+                                                  "falling at least 100x over the terminal phase, and the NC2-NC4 "
+                                                  "measurements ending below their onset values."]
+    atomic_write_bytes(out / "papyan2020_medium.json", json.dumps({"report": report, "failures": fails, "table1": rows},
+                                                                  indent=1) + "\n")
+    return L + [""]
 
 
 def zhu_report(out: Path) -> list[str]:
@@ -115,11 +171,11 @@ def markou_report(out: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--paper", required=True, choices=("zhu2021", "markou2024"))
+    ap.add_argument("--paper", required=True, choices=("papyan2020", "zhu2021", "markou2024"))
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
     out = Path(args.out)
-    L = zhu_report(out) if args.paper == "zhu2021" else markou_report(out)
+    L = {"papyan2020": papyan_report, "zhu2021": zhu_report, "markou2024": markou_report}[args.paper](out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     L.insert(1, f"\nMade on {datetime.date.today()} (commit {commit}) with `python tools/medium_report.py --paper "
                 f"{args.paper}` from the medium runs in the run store; top-1 in %, median [min, max] over seeds.")

@@ -28,7 +28,9 @@
   running averages lag behind the weights while the learning rate is large, and eval mode then measured a
   network the weights no longer were (DenseNet's training accuracy wobbled below 100% until the first decay).
 - ``medium``: Papyan's protocol unchanged on Fashion-MNIST with 300 training images per class and reduced widths
-  (:data:`MEDIUM_NETWORKS`, :data:`MEDIUM_PER_CLASS`).
+  (:data:`MEDIUM_NETWORKS`, :data:`MEDIUM_PER_CLASS`). Batch-norm statistics are recomputed before each measurement
+  here too (``precise_bn``; training is untouched): with 24 steps per epoch the running averages still lag, and
+  measured VGG11's terminal phase from epoch 92 where the weights already fit every training image at epoch 35.
 
 Every number that sets the size of a scale is here (:data:`PAPER_NETWORKS`, :data:`QUICK_DATASETS`,
 :data:`QUICK_NETWORKS`, :data:`QUICK_WEIGHT_DECAY`, :data:`QUICK_EPOCHS`, :data:`MEDIUM_NETWORKS`,
@@ -130,7 +132,7 @@ def grid(scale: str = "quick", *, lrs: Mapping[Key, float] | None = None, epochs
         per_class, test_per_class = MEDIUM_PER_CLASS
         for net, (width, kw) in MEDIUM_NETWORKS.items():
             cfg = dict(per_class=per_class, test_per_class=test_per_class, width=width, model_kwargs=dict(kw),
-                       tag="papyan2020-medium", snapshot_per_class=20,
+                       tag="papyan2020-medium", snapshot_per_class=20, precise_bn=True,
                        measure_epochs=PAPYAN_EPOCHS if E == 350 else papyan_measure_epochs(E))
             cfg.update(overrides)
             out[("fashionmnist", net)] = papyan_preset("fashionmnist", net, epochs=E,
@@ -172,7 +174,9 @@ def scale_note(scale: str) -> str:
         return (f"medium scale: Papyan's protocol (350 epochs, SGD momentum 0.9, wd 5e-4, batch 128, lr x0.1 at 1/3 and "
                 f"2/3, his 50 measurement epochs, no augmentation, lr {DEFAULT_LR} from his Colab, no sweep) on "
                 f"Fashion-MNIST with {MEDIUM_PER_CLASS[0]} training images per class instead of 6000; VGG11 at width 1/4, "
-                "ResNet18 at width 1/2 and DenseNet-BC-40 at width 1 (instead of DenseNet250), both with the ImageNet stem.")
+                "ResNet18 at width 1/2 and DenseNet-BC-40 at width 1 (instead of DenseNet250), both with the ImageNet stem; "
+                "batch-norm statistics recomputed from the training set before each measurement (24 steps per epoch "
+                "leave the running averages behind).")
     if scale == "paper":
         return ("Paper protocol (7 datasets x 3 networks, 350 epochs / 300 ImageNet, Papyan's subsets and measurement "
                 "epochs); network depth per dataset is the likely assignment of REFERENCE section 3 (unconfirmed); "
