@@ -178,7 +178,8 @@ def main() -> None:
     L = {"papyan2020": papyan_report, "zhu2021": zhu_report, "markou2024": markou_report}[args.paper](out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     L.insert(1, f"\nMade on {datetime.date.today()} (commit {commit}) with `python tools/medium_report.py --paper "
-                f"{args.paper}` from the medium runs in the run store; top-1 in %, median [min, max] over seeds.")
+                f"{args.paper}` from the medium runs in the run store"
+                + ("." if args.paper == "papyan2020" else "; top-1 in %, median [min, max] over seeds."))
     path = out / f"{args.paper}_medium.md"
     text = "\n".join(L) + "\n"
     hand = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""

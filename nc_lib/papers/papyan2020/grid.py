@@ -30,7 +30,7 @@
 - ``medium``: Papyan's protocol unchanged on Fashion-MNIST with 300 training images per class and reduced widths
   (:data:`MEDIUM_NETWORKS`, :data:`MEDIUM_PER_CLASS`). Batch-norm statistics are recomputed before each measurement
   here too (``precise_bn``; training is untouched): with 24 steps per epoch the running averages still lag, and
-  measured VGG11's terminal phase from epoch 92 where the weights already fit every training image at epoch 35.
+  measured VGG11's terminal phase from epoch 92 where the weights already fit every training image by epoch 38.
 
 Every number that sets the size of a scale is here (:data:`PAPER_NETWORKS`, :data:`QUICK_DATASETS`,
 :data:`QUICK_NETWORKS`, :data:`QUICK_WEIGHT_DECAY`, :data:`QUICK_EPOCHS`, :data:`MEDIUM_NETWORKS`,
