@@ -206,23 +206,28 @@ def test_a_writer_killed_halfway_leaves_the_previous_figure(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # ... is removed by the next gallery run
 
 
-def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
+def _tiny_notebook(path, body: str, parameters: str = "scale = 'quick'\nlog = ''") -> None:
+    """A notebook of a ``parameters`` cell and one cell of ``body``, written to ``path``."""
     import nbformat
-    import papermill
 
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
                                                            "display_name": "Python 3"}})
-    params = nbformat.v4.new_code_cell("run = 0\nout = ''")
+    params = nbformat.v4.new_code_cell(parameters)
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "import json, pathlib\n"
-        "if run == 2:\n"
-        "    cells = json.loads(pathlib.Path(out).read_text())['cells']\n"
-        "    previous = 'run = %d' % (run - 1)  # the parameters papermill injected into the previous run\n"
-        "    assert any(previous in ''.join(c['source']) for c in cells), 'previous output replaced mid-run'\n"
-        "    raise RuntimeError('deliberate failure')\n")]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
+    import papermill
+
     source = tmp_path / "tiny.ipynb"
-    nbformat.write(nb, source)
+    _tiny_notebook(source, "import json, pathlib\n"
+                   "if run == 2:\n"
+                   "    cells = json.loads(pathlib.Path(out).read_text())['cells']\n"
+                   "    previous = 'run = %d' % (run - 1)  # the parameters papermill injected into the previous run\n"
+                   "    assert any(previous in ''.join(c['source']) for c in cells), 'previous output replaced mid-run'\n"
+                   "    raise RuntimeError('deliberate failure')\n", parameters="run = 0\nout = ''")
     build, out = tmp_path / "build", tmp_path / "build" / "tiny.ipynb"
     figures.run_notebook(source, "quick", build, extra={"run": 1, "out": str(out)}, timeout=120)
     with pytest.raises(papermill.PapermillExecutionError) as failed:
@@ -235,18 +240,11 @@ def test_an_executed_notebook_is_replaced_only_when_its_run_ends(tmp_path):
 def test_a_relative_runs_dir_means_the_callers_folder_inside_the_notebook_too(tmp_path, monkeypatch):
     """`NC_RUNS_DIR=runs make figures`: the kernel runs in the notebook's folder, yet reads and writes the runs/ of
     the directory the command was typed in (it once trained everything again in notebooks/runs)."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                           "display_name": "Python 3"}})
-    params = nbformat.v4.new_code_cell("out = ''")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "import pathlib\nfrom nc_lib.paths import runs_dir, figures_dir\n"
-        "pathlib.Path(out).write_text(str(runs_dir().resolve()) + '\\n' + str(figures_dir().resolve()))")]
     (tmp_path / "notebooks").mkdir()
     source = tmp_path / "notebooks" / "where.ipynb"
-    nbformat.write(nb, source)
+    _tiny_notebook(source, "import pathlib\nfrom nc_lib.paths import runs_dir, figures_dir\n"
+                   "pathlib.Path(out).write_text(str(runs_dir().resolve()) + '\\n' + str(figures_dir().resolve()))",
+                   parameters="out = ''")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NC_RUNS_DIR", "my_runs")
     monkeypatch.setenv("NC_FIGURES_DIR", "my_figures")
@@ -256,17 +254,6 @@ def test_a_relative_runs_dir_means_the_callers_folder_inside_the_notebook_too(tm
 
 
 # --------------------------------------------------------------------------- notebooks side by side (--jobs)
-def _tiny_notebook(path, body: str) -> None:
-    import nbformat
-
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                           "display_name": "Python 3"}})
-    params = nbformat.v4.new_code_cell("scale = 'quick'\nlog = ''")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(body)]
-    nbformat.write(nb, path)
-
-
 def test_notebooks_run_side_by_side_and_a_failure_is_raised_after_the_others(tmp_path, monkeypatch):
     """--jobs 2: both notebooks are running at the same time (each logs its start and end; the spans overlap);
     a failing notebook does not stop the other, and its error comes out at the end."""
